@@ -8,6 +8,8 @@ naming the fields involved.
 
 from __future__ import annotations
 
+from sidrec.errors import UserError
+
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
@@ -17,7 +19,7 @@ DType = Literal["float32", "bfloat16"]
 ALL_TASKS = ("sid_sft", "sid_item_feat", "fusion_seq_rec", "sft_data", "title_history2sid")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user-facing configuration mistake; the CLI prints it as one line."""
 
 
@@ -35,8 +37,8 @@ class ModelConfig:
     """Rematerialise each layer in the backward pass (saves activation memory)."""
     sid_init_noise: float = 0.0
     """Std of Gaussian noise added to new SID embedding rows (0: exactly the mean of existing rows)."""
-    # Architecture of a from-scratch model (ignored when hf_path is set).
     hidden_size: int = 128
+    """From-scratch architecture (this and the fields below are ignored when hf_path is set)."""
     intermediate_size: int = 384
     num_layers: int = 2
     num_heads: int = 4
@@ -47,6 +49,7 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 4096
     init_std: float = 0.02
+    """Std of the normal initialiser of from-scratch matrices and embeddings."""
 
 
 @dataclass(frozen=True, kw_only=True)

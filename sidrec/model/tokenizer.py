@@ -6,6 +6,8 @@ fast tokenizer needs; `tokenizer_config.json` (when present) names the EOS token
 
 from __future__ import annotations
 
+from sidrec.errors import UserError
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer directory that cannot be used; the message names the file and the fix."""
 
 

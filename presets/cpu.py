@@ -1,0 +1,30 @@
+"""Real MiniOneRec data, small models from scratch, full schedules that fit a 2-core CPU in ~30 min."""
+
+import dataclasses
+
+from sidrec.config import (CheckpointConfig, Config, DataConfig, EvalConfig, ModelConfig, OptimConfig,
+                           TrainConfig)
+
+_SMALL_MODEL = ModelConfig(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
+                           num_kv_heads=2, head_dim=32, max_position_embeddings=1024)
+
+INDUSTRIAL_CPU = Config(
+    description="Industrial_and_Scientific, all five tasks, small model from scratch on CPU (~30 min)",
+    run_dir="runs/industrial-cpu",
+    model=_SMALL_MODEL,
+    data=DataConfig(root="../shared/data", category="Industrial_and_Scientific", seq_len=1024,
+                    valid_max_samples=1024),
+    optim=OptimConfig(name="adamw", lr=2e-3, warmup_steps=20),
+    train=TrainConfig(epochs=3, global_batch_size=256, per_device_batch_size=64),
+    eval=EvalConfig(split="test", num_beams=50, batch_size=16),
+    checkpoint=CheckpointConfig(keep=1),
+)
+
+OFFICE_CPU = dataclasses.replace(
+    INDUSTRIAL_CPU,
+    description="Office_Products, all five tasks, small model from scratch on CPU (~30 min)",
+    run_dir="runs/office-cpu",
+    data=dataclasses.replace(INDUSTRIAL_CPU.data, category="Office_Products"),
+)
+
+PRESETS = {"industrial-cpu": INDUSTRIAL_CPU, "office-cpu": OFFICE_CPU}

@@ -1,0 +1,168 @@
+"""Mesh, sharding rules and the shard_map FSDP helpers.
+
+One mesh `(data, fsdp)` over every device of every process. Parameters (and the optimizer state that
+mirrors them) are sharded along `fsdp` by ONE rule (`FSDP_LOGICAL_AXES`): each array is split on its
+first dimension whose logical axis is listed there. Batches are split over all devices (`data` x
+`fsdp`). Inside `jax.shard_map` the model calls `unshard` on each layer's slice within the layer scan, so
+weights are all-gathered just in time; the transpose of that all-gather is a reduce-scatter, so
+gradients come back already sharded like the parameters.
+"""
+
+from __future__ import annotations
+
+from sidrec.errors import UserError
+
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from sidrec.config import ConfigError, MeshConfig
+
+DATA, FSDP = "data", "fsdp"
+BATCH_AXES = (DATA, FSDP)
+
+# Logical axes that may carry the fsdp split, in order of preference per array. "layers" never does:
+# the layer scan slices it. Biases and other arrays without these axes stay replicated (they are tiny).
+FSDP_LOGICAL_AXES = ("vocab", "embed")
+
+
+class ParallelError(UserError):
+    """A mesh/device mistake the user can fix (sizes that don't divide, missing processes)."""
+
+
+def maybe_initialize_distributed(cfg: MeshConfig) -> None:
+    """Join a multi-process run when one is configured (explicitly, by env, or on a TPU pod).
+
+    TPU pods auto-detect everything; elsewhere pass --mesh.coordinator-address/num-processes/process-id
+    or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID. CPU processes use gloo collectives.
+    """
+    address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num = cfg.num_processes or _env_int("JAX_NUM_PROCESSES")
+    pid = cfg.process_id if cfg.process_id is not None else _env_int("JAX_PROCESS_ID")
+    on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+    if not (address or on_tpu_pod):
+        return
+    if jax.distributed.is_initialized():
+        return
+    if address:
+        if num is None or pid is None:
+            raise ParallelError("multi-process run: set --mesh.num-processes and --mesh.process-id "
+                                "(or JAX_NUM_PROCESSES / JAX_PROCESS_ID) next to the coordinator address")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(address, num_processes=num, process_id=pid)
+    else:
+        jax.distributed.initialize()
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int]:
+    """Resolve -1 entries of (data, fsdp) to the remaining devices; check the product."""
+    data, fsdp = cfg.data, cfg.fsdp
+    if data == -1:
+        data = n_devices // fsdp if fsdp > 0 else 0
+    if fsdp == -1:
+        fsdp = n_devices // data if data > 0 else 0
+    if data <= 0 or fsdp <= 0 or data * fsdp != n_devices:
+        raise ParallelError(
+            f"--mesh.data ({cfg.data}) x --mesh.fsdp ({cfg.fsdp}) must multiply to the {n_devices} "
+            "available devices (use -1 for 'the rest')")
+    return data, fsdp
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(cfg, len(devices))
+    return jax.make_mesh(shape, (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=devices)
+
+
+def _fsdp_dim(axes: tuple[str, ...], shape: tuple[int, ...], fsdp_size: int) -> int | None:
+    for logical in FSDP_LOGICAL_AXES:
+        if logical in axes:
+            dim = axes.index(logical)
+            if shape[dim] % fsdp_size:
+                raise ParallelError(
+                    f"a parameter of shape {shape} cannot be split {fsdp_size} ways on its {logical!r} "
+                    f"axis ({shape[dim]}); choose --mesh.fsdp dividing it")
+            return dim
+    return None
+
+
+def param_partition_specs(logical_axes: Any, abstract_params: Any, fsdp_size: int) -> Any:
+    """PartitionSpec per parameter from the one rule table (fsdp_size 1: everything replicated)."""
+
+    def spec(axes, leaf):
+        dim = _fsdp_dim(tuple(axes), tuple(leaf.shape), fsdp_size) if fsdp_size > 1 else None
+        parts = [None] * len(leaf.shape)
+        if dim is not None:
+            parts[dim] = FSDP
+        return P(*parts)
+
+    return jax.tree.map(spec, logical_axes, abstract_params, is_leaf=_is_axes)
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
+
+
+def shardings(mesh, specs) -> Any:
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def make_unshard(param_specs: Any) -> Callable[[str, Any], Any]:
+    """The model's FSDP hook: all-gather (tiled) every leaf of a named part along `fsdp`.
+
+    Names follow the model: "embed", "final_norm", "lm_head" (whole arrays) and "layer" (one layer's
+    slice inside the scan: the stacked spec minus its leading layer entry).
+    """
+    parts = {
+        "embed": param_specs["embed"],
+        "final_norm": param_specs["final_norm"],
+        "lm_head": param_specs.get("lm_head"),
+        "layer": jax.tree.map(lambda s: P(*tuple(s)[1:]), param_specs["layers"],
+                              is_leaf=lambda x: isinstance(x, P)),
+    }
+
+    def gather(x, spec):
+        spec = tuple(spec)
+        if FSDP not in spec:
+            return x
+        return jax.lax.all_gather(x, FSDP, axis=spec.index(FSDP), tiled=True)
+
+    def unshard(name: str, tree):
+        return jax.tree.map(gather, tree, parts[name])
+
+    return unshard
+
+
+def batch_spec(ndim: int, row_axis: int = 1) -> P:
+    """Batch arrays are split over every device along their row axis."""
+    parts = [None] * ndim
+    parts[row_axis] = BATCH_AXES
+    return P(*parts)
+
+
+def global_batch(mesh, local_batch: dict[str, np.ndarray], row_axis: int = 1) -> dict[str, jax.Array]:
+    """Assemble this process's rows into global arrays (every process passes only its own shard)."""
+    out = {}
+    for name, value in local_batch.items():
+        value = np.asarray(value)
+        if value.ndim <= row_axis:
+            out[name] = jax.device_put(value, NamedSharding(mesh, P()))
+            continue
+        sharding = NamedSharding(mesh, batch_spec(value.ndim, row_axis))
+        out[name] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+def describe(mesh) -> str:
+    kinds = sorted({d.device_kind for d in mesh.devices.flat})
+    return (f"{jax.process_count()} process(es), {mesh.devices.size} device(s) [{', '.join(kinds)}], "
+            f"mesh data={mesh.shape[DATA]} x fsdp={mesh.shape[FSDP]}")
