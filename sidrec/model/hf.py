@@ -1,0 +1,393 @@
+"""Hugging Face interop without torch: config.json <-> Qwen2Config, safetensors <-> params,
+the SID vocabulary extension on the weights, and export back to a directory transformers loads.
+
+One table (`_TENSORS`) names every HF tensor, our parameter path and whether the matrix is
+transposed (torch Linear stores [out, in], we store [in, out]); loading and export both use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" so safetensors can read bf16 tensors)
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from sidrec.model.qwen2 import Params, Qwen2Config, param_specs, round_up
+from sidrec.model.tokenizer import TokenizerInfo, save_tokenizer
+
+
+class CheckpointError(ValueError):
+    """A model directory that does not match what the config declares; names every bad tensor."""
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    hf_name: str               # "{i}" stands for the layer index
+    path: tuple[str, ...]      # where it lives in our params
+    transposed: bool
+
+    @property
+    def layered(self) -> bool:
+        return "{i}" in self.hf_name
+
+    @property
+    def pattern(self) -> re.Pattern:
+        return re.compile(re.escape(self.hf_name).replace(r"\{i\}", r"(\d+)"))
+
+
+def _layer(hf_suffix: str, name: str, transposed: bool) -> _Tensor:
+    return _Tensor(f"model.layers.{{i}}.{hf_suffix}", ("layers", name), transposed)
+
+
+_TENSORS = (
+    _Tensor("model.embed_tokens.weight", ("embed",), False),
+    _layer("input_layernorm.weight", "attn_norm", False),
+    _layer("self_attn.q_proj.weight", "wq", True),
+    _layer("self_attn.q_proj.bias", "bq", False),
+    _layer("self_attn.k_proj.weight", "wk", True),
+    _layer("self_attn.k_proj.bias", "bk", False),
+    _layer("self_attn.v_proj.weight", "wv", True),
+    _layer("self_attn.v_proj.bias", "bv", False),
+    _layer("self_attn.o_proj.weight", "wo", True),
+    _layer("post_attention_layernorm.weight", "mlp_norm", False),
+    _layer("mlp.gate_proj.weight", "w_gate", True),
+    _layer("mlp.up_proj.weight", "w_up", True),
+    _layer("mlp.down_proj.weight", "w_down", True),
+    _Tensor("model.norm.weight", ("final_norm",), False),
+    _Tensor("lm_head.weight", ("lm_head",), True),
+)
+_TIED_HEAD = "lm_head.weight"
+
+
+def _get(tree, path):
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def _set(tree: dict, path, value) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def _expected_tensors(cfg: Qwen2Config) -> dict[str, tuple[_Tensor, int | None, tuple[int, ...]]]:
+    """HF name -> (table entry, layer index, HF shape) for every tensor a checkpoint must hold."""
+    specs = param_specs(cfg)
+    expected = {}
+    for tensor in _TENSORS:
+        if tensor.path == ("lm_head",) and cfg.tie_word_embeddings:
+            continue
+        shape = _get(specs, tensor.path).shape
+        shape = shape[1:] if tensor.layered else shape
+        hf_shape = tuple(reversed(shape)) if tensor.transposed else shape
+        layers = range(cfg.num_layers) if tensor.layered else [None]
+        for i in layers:
+            expected[tensor.hf_name.format(i=i)] = (tensor, i, hf_shape)
+    return expected
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json
+
+
+def load_hf_config(directory: str | Path) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; --model.hf-path must be a Hugging Face model directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def _rope_theta(hf: dict, where: str) -> float:
+    """rope_theta at the top level (transformers 4) or inside rope_parameters / rope_scaling (5)."""
+    theta = hf.get("rope_theta")
+    for key in ("rope_parameters", "rope_scaling"):
+        block = hf.get(key) or {}
+        rope_type = block.get("rope_type", block.get("type", "default"))
+        if rope_type != "default":
+            raise CheckpointError(f"{where}: {key}.rope_type {rope_type!r} is not supported (only 'default' RoPE)")
+        theta = block.get("rope_theta", theta)
+    return float(10000.0 if theta is None else theta)
+
+
+def config_from_hf(hf: dict, compute_dtype: str = "float32", remat: bool = False, *,
+                   where: str = "config.json") -> Qwen2Config:
+    """A Qwen2Config from a parsed config.json (defaults as transformers' Qwen2Config)."""
+    if hf.get("model_type", "qwen2") != "qwen2":
+        raise CheckpointError(f"{where}: model_type {hf['model_type']!r} is not supported (only 'qwen2')")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+    if hf.get("use_sliding_window"):
+        raise CheckpointError(f"{where}: use_sliding_window=true is not supported; set it to false")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [k for k in required if k not in hf]
+    if missing:
+        raise CheckpointError(f"{where}: missing field(s) {missing}")
+    heads = hf["num_attention_heads"]
+    return Qwen2Config(
+        vocab_size=hf["vocab_size"],
+        real_vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rope_theta=_rope_theta(hf, where),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        compute_dtype=compute_dtype,
+        remat=remat,
+        init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def hf_config_dict(cfg: Qwen2Config, tokenizer_info: TokenizerInfo, dtype: str) -> dict:
+    """config.json for Qwen2ForCausalLM; vocab_size is the real vocabulary (padding rows dropped)."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": cfg.real_vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": cfg.num_layers,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "eos_token_id": tokenizer_info.eos_id,
+        "pad_token_id": tokenizer_info.pad_id,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors -> params
+
+
+def _checkpoint_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> file, from model.safetensors or a sharded model.safetensors.index.json."""
+    index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        files = {name: directory / file for name, file in weight_map.items()}
+        absent = sorted({str(f) for f in files.values() if not f.is_file()})
+        if absent:
+            raise CheckpointError(f"{index}: shard file(s) listed but not found: {absent}")
+        return files
+    if single.is_file():
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"{directory}: neither model.safetensors nor model.safetensors.index.json found")
+
+
+def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for file in sorted(set(files.values())):
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():
+                if files.get(name) == file:
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def _shape_problems(cfg: Qwen2Config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    expected = _expected_tensors(cfg)
+    problems = []
+    for name, (_, _, shape) in expected.items():
+        if name not in shapes:
+            problems.append(f"missing {name} (expected shape {list(shape)})")
+        elif shapes[name] != shape:
+            problems.append(f"{name} has shape {list(shapes[name])}, expected {list(shape)}")
+    for name in shapes:
+        if name in expected or (name == _TIED_HEAD and cfg.tie_word_embeddings):
+            continue
+        problems.append(f"unexpected tensor {name} (shape {list(shapes[name])})")
+    if cfg.tie_word_embeddings and _TIED_HEAD in shapes:
+        embed_shape = (cfg.vocab_size, cfg.hidden_size)
+        if shapes[_TIED_HEAD] != embed_shape:
+            problems.append(f"{_TIED_HEAD} has shape {list(shapes[_TIED_HEAD])}, expected {list(embed_shape)} "
+                            "(tied to model.embed_tokens.weight)")
+    return problems
+
+
+def _place(array: np.ndarray, sharding):
+    if sharding is None:
+        return jnp.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def load_params(directory: str | Path, cfg: Qwen2Config, *, shardings=None) -> Params:
+    """fp32 params from a HF Qwen2 directory; every tensor's shape is checked against cfg first.
+
+    shardings: optional pytree of jax.sharding.Sharding matching the params; each process then only
+    places the slices its devices own. A tied checkpoint that also stores lm_head.weight is accepted
+    only if it equals the embedding (transformers would silently drop it; a different head means the
+    checkpoint disagrees with its own tie_word_embeddings=true).
+    """
+    directory = Path(directory)
+    files = _checkpoint_files(directory)
+    problems = _shape_problems(cfg, _read_shapes(files))
+    if problems:
+        raise CheckpointError(f"{directory}: checkpoint does not match its config "
+                              f"({len(problems)} problem(s)): " + "; ".join(problems))
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(file, framework="numpy")) for file in set(files.values())}
+
+        def read(name: str) -> np.ndarray:
+            return handles[files[name]].get_tensor(name).astype(np.float32)
+
+        params: dict = {}
+        for tensor in _TENSORS:
+            if tensor.path == ("lm_head",) and cfg.tie_word_embeddings:
+                continue
+            orient = (lambda a: a.T) if tensor.transposed else (lambda a: a)
+            if tensor.layered:
+                value = np.stack([orient(read(tensor.hf_name.format(i=i))) for i in range(cfg.num_layers)])
+            else:
+                value = np.ascontiguousarray(orient(read(tensor.hf_name)))
+            sharding = None if shardings is None else _get(shardings, tensor.path)
+            _set(params, tensor.path, _place(value, sharding))
+        if cfg.tie_word_embeddings and _TIED_HEAD in files:
+            if not np.array_equal(read(_TIED_HEAD), read("model.embed_tokens.weight")):
+                raise CheckpointError(
+                    f"{directory}: config.json sets tie_word_embeddings=true but {_TIED_HEAD} differs from "
+                    "model.embed_tokens.weight; set tie_word_embeddings=false to load the separate head")
+    return params
+
+
+def load_model(directory: str | Path, compute_dtype: str = "float32", remat: bool = False,
+               *, shardings=None) -> tuple[Params, Qwen2Config]:
+    directory = Path(directory)
+    cfg = config_from_hf(load_hf_config(directory), compute_dtype, remat, where=str(directory / "config.json"))
+    return load_params(directory, cfg, shardings=shardings), cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# SID vocabulary extension
+
+
+def _resize_rows(table, old_rows: int, new_rows: int, padded_rows: int, key, noise_std: float):
+    """Keep rows < min(old, new); added rows = mean of the old rows (+ noise); zero padding rows."""
+    existing = table[:old_rows].astype(jnp.float32)
+    added = max(new_rows - old_rows, 0)
+    mean = jnp.mean(existing, axis=0)
+    new = jnp.broadcast_to(mean, (added, table.shape[1]))
+    if noise_std > 0:
+        new = new + noise_std * jax.random.normal(key, new.shape, jnp.float32)
+    padding = jnp.zeros((padded_rows - new_rows, table.shape[1]), jnp.float32)
+    return jnp.concatenate([existing[:min(old_rows, new_rows)], new, padding], axis=0)
+
+
+def resize_vocab(params: Params, cfg: Qwen2Config, new_vocab_size: int, *, key=None, noise_std: float = 0.0,
+                 pad_to_multiple: int = 1) -> tuple[Params, Qwen2Config]:
+    """Resize the vocabulary as transformers' resize_token_embeddings(new_vocab_size) with mean init.
+
+    Rows < min(old, new) are kept (Qwen2.5 has spare rows 151665..151935 that SID tokens reuse, as
+    upstream), added rows are the mean of the old real rows (transformers also adds noise with 1e-9 x
+    their covariance, negligible; here noise is opt-in via noise_std), for the embedding and an untied
+    head. Rows are then padded to a multiple of pad_to_multiple; padded rows are zero and their logits
+    masked (real_vocab_size = new_vocab_size).
+    """
+    if noise_std > 0 and key is None:
+        raise ValueError("resize_vocab: noise_std > 0 needs a PRNG key")
+    padded = round_up(new_vocab_size, pad_to_multiple)
+    embed_key, head_key = jax.random.split(key) if key is not None else (None, None)
+    resized = dict(params)
+    resized["embed"] = _resize_rows(params["embed"], cfg.real_vocab_size, new_vocab_size, padded,
+                                    embed_key, noise_std)
+    if not cfg.tie_word_embeddings:
+        resized["lm_head"] = _resize_rows(params["lm_head"].T, cfg.real_vocab_size, new_vocab_size, padded,
+                                          head_key, noise_std).T
+    return resized, dataclasses.replace(cfg, vocab_size=padded, real_vocab_size=new_vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# params -> HF directory
+
+
+def hf_state_dict(params: Params, cfg: Qwen2Config, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Torch-layout numpy tensors (padded vocabulary rows dropped), as Qwen2ForCausalLM names them."""
+    np_dtype = np.dtype(dtype)
+    tensors = {}
+    for name, (tensor, layer, _) in _expected_tensors(cfg).items():
+        value = np.asarray(_get(params, tensor.path))
+        if tensor.path == ("embed",):
+            value = value[:cfg.real_vocab_size]
+        elif tensor.path == ("lm_head",):
+            value = value[:, :cfg.real_vocab_size]
+        if layer is not None:
+            value = value[layer]
+        tensors[name] = np.ascontiguousarray(value.T if tensor.transposed else value).astype(np_dtype)
+    return tensors
+
+
+def _replace_directory(out_dir: Path, write) -> None:
+    """Write into a temporary sibling, then swap it in: readers never see a half-written export."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export(params: Params, cfg: Qwen2Config, tokenizer_info: TokenizerInfo, out_dir: str | Path, *,
+           dtype: str = "float32") -> Path:
+    """Write config.json, model.safetensors (torch layout, `dtype`) and the tokenizer to out_dir.
+
+    transformers.AutoModelForCausalLM.from_pretrained(out_dir) loads it with no missing or unexpected
+    keys. params must be addressable from this process (gather multi-host arrays first).
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"export dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    out_dir = Path(out_dir)
+    tensors = hf_state_dict(params, cfg, dtype)
+    config = hf_config_dict(cfg, tokenizer_info, dtype)
+
+    def write(directory: Path) -> None:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_tokenizer(tokenizer_info, directory)
+
+    _replace_directory(out_dir, write)
+    return out_dir
