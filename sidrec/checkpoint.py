@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 import signal
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import jax
 import numpy as np
@@ -109,7 +110,8 @@ class Checkpointer:
         # latest one (e.g. after resuming from an explicitly chosen earlier checkpoint).
         return self._manager.save(step, args=args, metrics=metrics, force=True)
 
-    def restore(self, step: int, abstract_state: PyTree, *, partial: bool = False) -> tuple[PyTree, dict]:
+    def restore(self, step: int, abstract_state: PyTree, *,
+                partial: bool = False) -> tuple[PyTree, dict]:
         """Restore `(state, meta)` of `step` straight into the shardings of `abstract_state`.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (or arrays) with `.sharding`; each
@@ -167,7 +169,7 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.close()
 
-    def __enter__(self) -> Checkpointer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -181,7 +183,7 @@ class Checkpointer:
 
 def _manager_options(keep_last: int, keep_best: bool, best_metric: str, mode: str):
     policies = ocp.checkpoint_managers
-    rank = lambda metrics: metrics[best_metric]  # noqa: E731
+    rank = operator.itemgetter(best_metric)
     keep = [policies.LatestN(n=keep_last)]
     if keep_best:
         # BestN keeps the *last* n after sorting; reverse=True sorts descending so "min" keeps
@@ -250,7 +252,8 @@ def _mismatches(stored: PyTree, target: PyTree, *, partial: bool) -> list[str]:
         if have is None:
             continue
         if tuple(have.shape) != tuple(want.shape):
-            found.append(f"{name}: shape {tuple(have.shape)} in the checkpoint, {tuple(want.shape)} in the target")
+            found.append(f"{name}: shape {tuple(have.shape)} in the checkpoint, "
+                         f"{tuple(want.shape)} in the target")
         elif np.dtype(have.dtype) != np.dtype(want.dtype):
             found.append(f"{name}: dtype {np.dtype(have.dtype)} in the checkpoint, "
                          f"{np.dtype(want.dtype)} in the target")
@@ -260,9 +263,10 @@ def _mismatches(stored: PyTree, target: PyTree, *, partial: bool) -> list[str]:
 def _mismatch_message(step_dir: epath.Path, mismatches: list[str]) -> str:
     listed = mismatches[:_MAX_LISTED_MISMATCHES]
     more = len(mismatches) - len(listed)
-    lines = [f"{step_dir} does not match the state it is restored into ({len(mismatches)} "
-             "difference(s)); restore with the config the run was trained with "
-             "(restore_meta(step)['config']) or start a fresh run directory:"]
+    header = (f"{step_dir} does not match the state it is restored into ({len(mismatches)} "
+              "difference(s)); restore with the config the run was trained with "
+              "(restore_meta(step)['config']) or start a fresh run directory:")
+    lines = [header]
     lines += [f"  - {line}" for line in listed]
     if more:
         lines.append(f"  ... and {more} more")
@@ -291,7 +295,7 @@ class PreemptionGuard:
         self._previous: dict[int, Any] = {}
         self._requested = False
 
-    def __enter__(self) -> PreemptionGuard:
+    def __enter__(self) -> Self:
         self._requested = False
         if jax.process_count() == 1:
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self._signals}
@@ -308,7 +312,7 @@ class PreemptionGuard:
         return self._requested
 
     def should_stop(self, step: int) -> bool:
-        """Stop (after saving) at this step: a signal arrived, or all hosts reached a preemption point."""
+        """Stop (after saving) now: a signal arrived, or all hosts reached a preemption point."""
         if self._requested:
             return True
         return self._checkpointer is not None and self._checkpointer.reached_preemption(step)
