@@ -1,0 +1,385 @@
+"""Token rows -> packed static batches: the tokenization cache, packing, and a resumable loader.
+
+Batch format (what the train step consumes; numpy, one process's shard):
+    tokens, segment_ids, positions: int32 [A, R, T]  (segment 0 = padding; positions restart at 0 in
+        each packed example; examples are packed whole, never split)
+    loss_pos, loss_tgt: int32 [A, R, N]  row index whose logits predict the target, and the target id
+        (a label at example index t >= 1 gives loss_pos t - 1, HF's logits[:-1] vs labels[1:] shift)
+    loss_w: float32 [A, R, N]  1 for a real target, 0 for padding
+    n_targets, n_tokens: float32 scalars, GLOBAL counts of the whole optimizer step (all processes),
+        so the step divides its summed cross-entropy by n_targets: the token mean over the global batch
+        (upstream's loss).
+
+Shapes. T = seq_len; R = local_device_count x rows_per_device rows per micro-batch (fixed, so memory is
+fixed); N = `targets_per_row(data, T)`, fixed per dataset. One optimizer step takes `global_batch_size`
+examples (the last step of an epoch takes the rest, as upstream's HF Trainer with drop_last=False),
+packs them first-fit-decreasing into as few rows as possible, and carries them in
+A = micro_batch_bucket(ceil(rows / (process_count x R))) micro-batches. So only A varies from step to
+step, over a few values (4 significant bits: <= 12.5% padding): a FIXED A would instead round every
+micro-batch up to whole rows per device, which at upstream's batch sizes wastes up to a third of the
+slots. `micro_batch_bound` bounds the distinct A (= train-step compilations) from the lengths alone.
+
+Every process computes the whole step plan (cheap: lengths only) so all agree on shapes, then builds
+only its own rows: micro-batch a, process p holds global rows [a, p*R:(p+1)*R].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from sidrec.config import ALL_TASKS, DataConfig
+from sidrec.data import minionerec
+from sidrec.data.minionerec import IGNORE_INDEX, PromptOptions, TokenizedExamples
+from sidrec.model.tokenizer import TokenizerInfo
+
+CACHE_FORMAT = 1  # bump when the token rows' meaning changes
+MIN_TARGET_BUCKET = 16
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenization cache
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SIDREC_CACHE", Path.home() / ".cache" / "sidrec"))
+
+
+def load_training_data(cfg: DataConfig, tokenizer: TokenizerInfo, cache_dir: str | Path,
+                       seed: int = 42) -> TokenizedExamples:
+    """The training mixture `cfg.tasks` (train split), tasks back to back in that order."""
+    return concatenate(_cached_tasks(cfg, tokenizer, cache_dir, cfg.tasks, "train", seed))
+
+
+def load_validation_data(cfg: DataConfig, tokenizer: TokenizerInfo, cache_dir: str | Path) -> TokenizedExamples:
+    """sid_sft on the valid split (the first `cfg.valid_max_samples` rows when that is >= 0)."""
+    [data] = _cached_tasks(cfg, tokenizer, cache_dir, ("sid_sft",), "valid", seed=42)
+    return data if cfg.valid_max_samples < 0 else head(data, cfg.valid_max_samples)
+
+
+def _cached_tasks(cfg: DataConfig, tokenizer: TokenizerInfo, cache_dir: str | Path, tasks: tuple[str, ...],
+                  split: str, seed: int) -> list[TokenizedExamples]:
+    """Token rows of each task, from `<cache_dir>/<category>.<task>.<split>.<key>.npz` when present.
+
+    The key hashes the source files' bytes, the tokenizer (vocabulary, added SID tokens, EOS), the
+    cutoff and the prompt options, so any change to them re-tokenizes instead of reusing stale rows.
+    Missing tasks are built together (the CSV is parsed once) and saved.
+    """
+    unknown = [task for task in tasks if task not in ALL_TASKS]
+    if unknown:
+        raise minionerec.DataError(f"unknown task(s) {unknown}; choose from {list(ALL_TASKS)}")
+    options = PromptOptions.from_config(cfg, seed)
+    key = _cache_key(minionerec.resolve_paths(cfg.root, cfg.category), tokenizer, cfg.cutoff_len, options, split)
+    paths = {task: Path(cache_dir) / f"{cfg.category}.{task}.{split}.{key}.npz" for task in tasks}
+    missing = [task for task in tasks if not paths[task].is_file()]
+    if missing:
+        catalogue = minionerec.load_catalogue(cfg.root, cfg.category)
+        rows = minionerec.load_split(catalogue, split) if set(missing) - {"sid_item_feat"} else []
+        for task in missing:
+            examples = minionerec.task_examples(task, catalogue, rows, options)
+            _save_atomically(paths[task], minionerec.tokenize_examples(examples, tokenizer, cfg.cutoff_len))
+    return [_load(paths[task]) for task in tasks]
+
+
+def _cache_key(paths, tokenizer: TokenizerInfo, cutoff_len: int, options: PromptOptions, split: str) -> str:
+    digest = hashlib.sha256()
+    for file in paths.files():
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    digest.update(tokenizer.tokenizer.to_str().encode())
+    digest.update(json.dumps([CACHE_FORMAT, tokenizer.eos_id, cutoff_len, dataclasses.asdict(options),
+                              split]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _load(path: Path) -> TokenizedExamples:
+    with np.load(path) as f:
+        return TokenizedExamples(tokens=f["tokens"], labels=f["labels"], offsets=f["offsets"])
+
+
+def _save_atomically(path: Path, data: TokenizedExamples) -> None:
+    """Write to a temp file and rename, so a crash (or another process) never sees half a cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+        np.savez(f, tokens=data.tokens, labels=data.labels, offsets=data.offsets)
+    os.replace(f.name, path)
+
+
+def concatenate(parts: list[TokenizedExamples]) -> TokenizedExamples:
+    starts = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]])
+    offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, starts)])
+    return TokenizedExamples(tokens=np.concatenate([p.tokens for p in parts]),
+                             labels=np.concatenate([p.labels for p in parts]), offsets=offsets)
+
+
+def head(data: TokenizedExamples, n: int) -> TokenizedExamples:
+    """The first `n` examples."""
+    offsets = data.offsets[:n + 1]
+    return TokenizedExamples(tokens=data.tokens[:offsets[-1]], labels=data.labels[:offsets[-1]], offsets=offsets)
+
+
+def target_counts(data: TokenizedExamples) -> np.ndarray:
+    """Labels each example contributes to the loss (a label at the example's first token has no logit)."""
+    has_label = data.labels != IGNORE_INDEX
+    has_label[data.offsets[:-1]] = False
+    return np.add.reduceat(has_label.astype(np.int64), data.offsets[:-1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing
+
+
+def pack_first_fit_decreasing(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
+    """Indices into `lengths` grouped into rows of at most `seq_len` tokens (longest first, first fit)."""
+    if len(lengths) and lengths.max() > seq_len:
+        raise ValueError(f"an example of {lengths.max()} tokens does not fit a row of {seq_len}; "
+                         "raise --data.seq-len or lower --data.cutoff-len")
+    space = np.empty(0, dtype=np.int64)
+    rows: list[list[int]] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        fits = np.flatnonzero(space >= lengths[i])
+        if len(fits):
+            space[fits[0]] -= lengths[i]
+            rows[fits[0]].append(int(i))
+        else:
+            space = np.append(space, seq_len - lengths[i])
+            rows.append([int(i)])
+    return rows
+
+
+def round_up_to_power_of_two(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def micro_batch_bucket(n: int) -> int:
+    """`n` rounded up to 4 significant bits (1..16, 18, 20, .., 32, 36, ..): at most 12.5% padding."""
+    shift = max(0, int(n).bit_length() - 4)
+    return -(-int(n) >> shift) << shift
+
+
+def targets_per_row(data: TokenizedExamples, seq_len: int) -> int:
+    """N, fixed for a dataset: a row of T tokens holds at most T x (the largest targets/length ratio)
+    targets, rounded up to a power of two. Fixed so that N never multiplies the step shapes."""
+    ratio = float(np.max(target_counts(data) / data.lengths))
+    return min(seq_len, max(MIN_TARGET_BUCKET, round_up_to_power_of_two(math.ceil(seq_len * ratio))))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Rows of a micro-batch and where this process's sit (R = local devices x rows per device)."""
+
+    seq_len: int  # T
+    rows_per_device: int
+    local_device_count: int = 1
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self):
+        if min(self.seq_len, self.rows_per_device, self.local_device_count, self.process_count) < 1:
+            raise ValueError(f"{self}: sizes must be >= 1")
+        if not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count})")
+
+    @property
+    def rows_per_process(self) -> int:  # R
+        return self.local_device_count * self.rows_per_device
+
+    @property
+    def rows_per_micro_batch(self) -> int:  # global rows of one micro-batch
+        return self.process_count * self.rows_per_process
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One optimizer step: `rows[k]` lists the examples of global row k (k = (a * P + p) * R + r)."""
+
+    rows: list[np.ndarray]
+    num_micro_batches: int  # A
+    n_examples: int
+    n_tokens: int
+    n_targets: int
+
+
+def plan_step(example_ids: np.ndarray, lengths: np.ndarray, targets: np.ndarray, layout: Layout) -> StepPlan:
+    """Pack the step's examples (ids into `lengths`/`targets`) into rows and pick A."""
+    packed = pack_first_fit_decreasing(lengths[example_ids], layout.seq_len)
+    return StepPlan(rows=[example_ids[row] for row in packed],
+                    num_micro_batches=micro_batch_bucket(math.ceil(len(packed) / layout.rows_per_micro_batch)),
+                    n_examples=len(example_ids), n_tokens=int(lengths[example_ids].sum()),
+                    n_targets=int(targets[example_ids].sum()))
+
+
+def build_batch(data: TokenizedExamples, plan: StepPlan, layout: Layout, n_per_row: int) -> dict[str, np.ndarray]:
+    """This process's shard of the step's batch, [A, R, ...] with N = `n_per_row` (module docstring)."""
+    A, R, T, N = plan.num_micro_batches, layout.rows_per_process, layout.seq_len, n_per_row
+    batch = {name: np.zeros((A, R, T), np.int32) for name in ("tokens", "segment_ids", "positions")}
+    batch |= {"loss_pos": np.zeros((A, R, N), np.int32), "loss_tgt": np.zeros((A, R, N), np.int32),
+              "loss_w": np.zeros((A, R, N), np.float32)}
+    for a in range(A):
+        for r in range(R):
+            k = (a * layout.process_count + layout.process_index) * R + r
+            if k < len(plan.rows):
+                _fill_row(data, plan.rows[k], {name: array[a, r] for name, array in batch.items()})
+    batch["n_targets"] = np.float32(plan.n_targets)
+    batch["n_tokens"] = np.float32(plan.n_tokens)
+    return batch
+
+
+def _fill_row(data: TokenizedExamples, example_ids: np.ndarray, row: dict[str, np.ndarray]) -> None:
+    start = n_filled = 0
+    for segment, i in enumerate(example_ids, 1):
+        tokens, labels = data.example(i)
+        end = start + len(tokens)
+        row["tokens"][start:end] = tokens
+        row["segment_ids"][start:end] = segment
+        row["positions"][start:end] = np.arange(len(tokens))
+        predicted = np.flatnonzero(labels[1:] != IGNORE_INDEX)  # label t + 1 is predicted at t
+        n = len(predicted)
+        row["loss_pos"][n_filled:n_filled + n] = start + predicted
+        row["loss_tgt"][n_filled:n_filled + n] = labels[predicted + 1]
+        row["loss_w"][n_filled:n_filled + n] = 1.0
+        start, n_filled = end, n_filled + n
+
+
+def micro_batch_bound(lengths: np.ndarray, batch_size: int, layout: Layout) -> list[int]:
+    """Every A a step over these lengths can get; their number bounds the step's compilations.
+
+    Fewest rows: the smallest possible step's tokens in full rows. Most rows: in a first-fit packing
+    every row but the last is more than T - (longest example) full and more than half full (two rows
+    at most half full would have been merged).
+    """
+    T, n = layout.seq_len, len(lengths)
+    ordered = np.sort(lengths)
+    smallest_step = n % batch_size or min(batch_size, n)
+    largest_tokens = int(ordered[-min(batch_size, n):].sum())
+    fewest_rows = math.ceil(ordered[:smallest_step].sum() / T)
+    most_rows = min(min(batch_size, n), largest_tokens // max(T // 2, T - int(ordered[-1]) + 1) + 1)
+    per_micro_batch = layout.rows_per_micro_batch
+    return sorted({micro_batch_bucket(math.ceil(rows / per_micro_batch))
+                   for rows in range(fewest_rows, most_rows + 1)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loader
+
+
+class Loader:
+    """Deterministic, resumable training batches: epoch e visits `default_rng((seed, e)).permutation`.
+
+    Iterating yields this process's batch of every step, epoch after epoch, without end; `state()`
+    (saved in checkpoints) names the next step to yield, and `Loader(..., state=s)` resumes exactly.
+    """
+
+    def __init__(self, data: TokenizedExamples, *, global_batch_size: int, layout: Layout, seed: int = 0,
+                 state: dict | None = None):
+        if len(data) == 0 or global_batch_size < 1:
+            raise ValueError(f"need examples and a positive batch size (got {len(data)}, {global_batch_size})")
+        self.data, self.layout, self.seed, self.global_batch_size = data, layout, seed, global_batch_size
+        self.targets_per_row = targets_per_row(data, layout.seq_len)  # N, fixed for the run
+        self.lengths, self.targets = data.lengths, target_counts(data)
+        self.steps_per_epoch = math.ceil(len(data) / global_batch_size)
+        self.epoch, self.step_in_epoch = 0, 0
+        if state is not None:
+            self.restore(state)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def restore(self, state: dict) -> None:
+        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+        if epoch < 0 or not 0 <= step < self.steps_per_epoch:
+            raise ValueError(f"loader state {state} does not fit {self.steps_per_epoch} steps per epoch; "
+                             "was the checkpoint made with another dataset or batch size?")
+        self.epoch, self.step_in_epoch = epoch, step
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, epoch)).permutation(len(self.data))
+
+    def epoch_plans(self, epoch: int) -> list[StepPlan]:
+        order, B = self.epoch_order(epoch), self.global_batch_size
+        return [plan_step(order[s * B:(s + 1) * B], self.lengths, self.targets, self.layout)
+                for s in range(self.steps_per_epoch)]
+
+    def micro_batch_bound(self) -> list[int]:
+        """Every A (micro-batches per step) any epoch can produce: the train step compiles at most this many times."""
+        return micro_batch_bound(self.lengths, self.global_batch_size, self.layout)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        while True:
+            B, step = self.global_batch_size, self.step_in_epoch
+            ids = self.epoch_order(self.epoch)[step * B:(step + 1) * B]
+            plan = plan_step(ids, self.lengths, self.targets, self.layout)
+            batch = build_batch(self.data, plan, self.layout, self.targets_per_row)
+            self.step_in_epoch += 1
+            if self.step_in_epoch == self.steps_per_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            yield batch
+
+
+def valid_batches(data: TokenizedExamples, *, batch_size: int, layout: Layout) -> Iterator[dict[str, np.ndarray]]:
+    """The validation set in file order, `batch_size` examples per batch, in the training format.
+
+    Summing every batch's cross-entropy and dividing by the sum of their `n_targets` gives the
+    token-mean validation loss (upstream's HF Trainer averages per-batch means instead; on sid_sft,
+    where every row has the same number of targets, the two agree).
+    """
+    lengths, targets, n_per_row = data.lengths, target_counts(data), targets_per_row(data, layout.seq_len)
+    for start in range(0, len(data), batch_size):
+        ids = np.arange(start, min(start + batch_size, len(data)))
+        yield build_batch(data, plan_step(ids, lengths, targets, layout), layout, n_per_row)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Utilisation report: python -m sidrec.data.batching --root ../shared/data --category ...
+
+
+def utilisation(plans: list[StepPlan], layout: Layout) -> float:
+    """Real tokens / token slots of the batches (row tails, padding rows and micro-batches are waste)."""
+    slots = sum(p.num_micro_batches for p in plans) * layout.rows_per_micro_batch * layout.seq_len
+    return sum(p.n_tokens for p in plans) / slots
+
+
+def report(root: str = "../shared/data", category: str = "Industrial_and_Scientific",
+           tokenizer: str = "../shared/tokenizers/qwen2.5", tasks: tuple[str, ...] = ALL_TASKS,
+           global_batch_size: int = 1024, seq_lens: tuple[int, ...] = (512, 1024, 2048),
+           devices: tuple[int, ...] = (1, 8), rows_per_device: tuple[int, ...] = (1, 2, 4),
+           epochs: int = 3, cache_dir: str | None = None) -> None:
+    """Print token utilisation and the step-shape (compile) bound of a training mixture."""
+    from sidrec.model.tokenizer import add_sid_tokens, load_tokenizer
+
+    started = time.perf_counter()
+    info = add_sid_tokens(load_tokenizer(tokenizer), minionerec.load_catalogue(root, category).sid_tokens)
+    cfg = DataConfig(root=root, category=category, tasks=tasks)
+    data = load_training_data(cfg, info, cache_dir or default_cache_dir())
+    print(f"{category}: {len(data)} examples ({', '.join(tasks)}), {len(data.tokens)} tokens "
+          f"(mean {data.lengths.mean():.1f}, max {data.lengths.max()}); loaded in "
+          f"{time.perf_counter() - started:.1f}s")
+    print(f"global batch {global_batch_size}; over {epochs} epochs: util = real tokens / slots, "
+          "A = micro-batches per step (the only varying dim), N = loss targets per row")
+    print(f"{'seq_len':>7} {'devices':>7} {'rows/dev':>8} {'N':>4} {'steps/ep':>8} {'util':>6}  "
+          f"{'A seen':<16} A bound (= compile bound)")
+    for seq_len in seq_lens:
+        for device_count in devices:
+            for rows in rows_per_device:
+                layout = Layout(seq_len=seq_len, rows_per_device=rows, local_device_count=device_count)
+                loader = Loader(data, global_batch_size=global_batch_size, layout=layout, seed=42)
+                plans = [p for e in range(epochs) for p in loader.epoch_plans(e)]
+                seen = sorted({p.num_micro_batches for p in plans})
+                bound = loader.micro_batch_bound()
+                print(f"{seq_len:>7} {device_count:>7} {rows:>8} {loader.targets_per_row:>4} "
+                      f"{loader.steps_per_epoch:>8} {utilisation(plans, layout):>6.1%}  "
+                      f"{str(seen):<16} {len(bound)} values in {bound[0]}..{bound[-1]}")
+
+
+if __name__ == "__main__":
+    import tyro
+
+    tyro.cli(report)
