@@ -32,9 +32,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -376,7 +376,7 @@ def report(root: str = "../shared/data", category: str = "Industrial_and_Scienti
                 bound = loader.micro_batch_bound()
                 print(f"{seq_len:>7} {device_count:>7} {rows:>8} {loader.targets_per_row:>4} "
                       f"{loader.steps_per_epoch:>8} {utilisation(plans, layout):>6.1%}  "
-                      f"{str(seen):<16} {len(bound)} values in {bound[0]}..{bound[-1]}")
+                      f"{seen!s:<16} {len(bound)} values in {bound[0]}..{bound[-1]}")
 
 
 if __name__ == "__main__":

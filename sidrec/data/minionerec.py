@@ -20,9 +20,9 @@ import csv
 import json
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -327,7 +327,7 @@ class PromptOptions:
     seed: int = 42
 
     @classmethod
-    def from_config(cls, cfg: DataConfig, seed: int = 42) -> "PromptOptions":
+    def from_config(cls, cfg: DataConfig, seed: int = 42) -> PromptOptions:
         return cls(answer_leak=cfg.upstream_answer_leak, typos=cfg.upstream_typos,
                    instruction_random=cfg.upstream_instruction_random, seed=seed)
 

@@ -23,7 +23,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from sidrec import metrics
 from sidrec.data.minionerec import Catalogue, DataError, load_split
-from sidrec.model.tokenizer import TokenizerInfo, add_sid_tokens, describe, save_tokenizer
+from sidrec.model.tokenizer import (
+    TokenizerInfo,
+    add_sid_tokens,
+    describe,
+    save_tokenizer,
+)
 
 NOUNS = ("Valve", "Sensor", "Clamp", "Filter", "Pump", "Gauge", "Cable", "Drill", "Switch", "Glove",
          "Tape", "Beaker", "Funnel", "Magnet", "Spring", "Nozzle", "Relay", "Wrench", "Lamp", "Fuse",
