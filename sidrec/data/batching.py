@@ -203,7 +203,6 @@ class StepPlan:
 
     rows: list[np.ndarray]
     num_micro_batches: int  # A
-    n_examples: int
     n_tokens: int
     n_targets: int
 
@@ -213,7 +212,7 @@ def plan_step(example_ids: np.ndarray, lengths: np.ndarray, targets: np.ndarray,
     packed = pack_first_fit_decreasing(lengths[example_ids], layout.seq_len)
     return StepPlan(rows=[example_ids[row] for row in packed],
                     num_micro_batches=micro_batch_bucket(math.ceil(len(packed) / layout.rows_per_micro_batch)),
-                    n_examples=len(example_ids), n_tokens=int(lengths[example_ids].sum()),
+                    n_tokens=int(lengths[example_ids].sum()),
                     n_targets=int(targets[example_ids].sum()))
 
 
@@ -303,20 +302,31 @@ class Loader:
     def epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng((self.seed, epoch)).permutation(len(self.data))
 
+    def plan(self, epoch: int, step: int) -> StepPlan:
+        B = self.global_batch_size
+        ids = self.epoch_order(epoch)[step * B:(step + 1) * B]
+        return plan_step(ids, self.lengths, self.targets, self.layout)
+
     def epoch_plans(self, epoch: int) -> list[StepPlan]:
         order, B = self.epoch_order(epoch), self.global_batch_size
         return [plan_step(order[s * B:(s + 1) * B], self.lengths, self.targets, self.layout)
                 for s in range(self.steps_per_epoch)]
 
     def micro_batch_bound(self) -> list[int]:
-        """Every A (micro-batches per step) any epoch can produce: the train step compiles at most this many times."""
+        """Every A any epoch can produce (from the lengths alone): a bound on the step's compilations."""
         return micro_batch_bound(self.lengths, self.global_batch_size, self.layout)
+
+    def upcoming_micro_batches(self, num_steps: int) -> list[int]:
+        """The distinct A of the next `num_steps` steps, exactly: the compilations the rest of a run needs."""
+        counts, epoch, step = set(), self.epoch, self.step_in_epoch
+        for _ in range(num_steps):
+            counts.add(self.plan(epoch, step).num_micro_batches)
+            epoch, step = (epoch + 1, 0) if step + 1 == self.steps_per_epoch else (epoch, step + 1)
+        return sorted(counts)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         while True:
-            B, step = self.global_batch_size, self.step_in_epoch
-            ids = self.epoch_order(self.epoch)[step * B:(step + 1) * B]
-            plan = plan_step(ids, self.lengths, self.targets, self.layout)
+            plan = self.plan(self.epoch, self.step_in_epoch)
             batch = build_batch(self.data, plan, self.layout, self.targets_per_row)
             self.step_in_epoch += 1
             if self.step_in_epoch == self.steps_per_epoch:

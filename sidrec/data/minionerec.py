@@ -191,7 +191,7 @@ def _read_json_object(path: Path) -> dict:
 
 def _index_sid(path: Path, item_id: str, value) -> tuple[str, ...]:
     if (not isinstance(value, list) or not value
-            or not all(isinstance(t, str) and split_sid(t) and len(split_sid(t)) == 1 for t in value)):
+            or not all(isinstance(t, str) and split_sid(t) == (t,) for t in value)):
         raise DataError(f"{path}: key {item_id!r}: expected a list of SID tokens like "
                         f'["<a_1>", "<b_2>", "<c_3>"], got {value!r}')
     return tuple(value)
@@ -407,11 +407,6 @@ def training_examples(catalogue: Catalogue, tasks: tuple[str, ...], rows: list[I
     return [example for task in tasks for example in task_examples(task, catalogue, rows, options)]
 
 
-def validation_examples(catalogue: Catalogue) -> list[TextExample]:
-    """Upstream's validation set: sid_sft on the valid split."""
-    return task_examples("sid_sft", catalogue, load_split(catalogue, "valid"))
-
-
 @dataclass(frozen=True)
 class EvalExample:
     prompt: str             # instruction + prompt text, ending with "### Response:\n"
@@ -467,8 +462,8 @@ def tokenize_examples(examples: list[TextExample], tokenizer: TokenizerInfo,
         answer = encoded[2 * n + i] + [tokenizer.eos_id]
         token_rows.append((context + answer)[-cutoff_len:])
         label_rows.append(([IGNORE_INDEX] * len(context) + answer)[-cutoff_len:])
-    lengths = np.fromiter((len(r) for r in token_rows), dtype=np.int64, count=n)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in token_rows])
     flat = lambda rows: np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
     return TokenizedExamples(tokens=flat(token_rows), labels=flat(label_rows), offsets=offsets)
 
