@@ -96,7 +96,9 @@ class OptimConfig:
     """Muon momentum (Nesterov)."""
     ns_steps: int = 5
     muon_scale: Literal["none", "shape", "rms"] = "shape"
-    """Local Muon update scale: none, sqrt(max(1, fan_out/fan_in)), or 0.2*sqrt(max(fan_in, fan_out))."""
+    """Muon update scale: none (local only), sqrt(max(1, fan_out/fan_in)), or 0.2*sqrt(max(fan_in, fan_out))."""
+    ns_dtype: DType = "float32"
+    """Local Muon: dtype of the Newton-Schulz iteration (bfloat16 is faster on accelerators)."""
     clip_norm: float = 1.0
     """Global-norm gradient clipping (0: off)."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
