@@ -11,6 +11,7 @@ matrices of attention and MLP go to Muon; embeddings, LM head, norms and biases 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -131,7 +132,7 @@ def newton_schulz(matrix: jax.Array, steps: int, dtype=jnp.float32) -> jax.Array
 
 def orthogonalize_per_matrix(update: jax.Array, steps: int, dtype=jnp.float32) -> jax.Array:
     """Newton-Schulz on the last two axes ([in, out]), independently for every leading index."""
-    fn = lambda m: newton_schulz(m, steps, dtype)  # noqa: E731
+    fn = functools.partial(newton_schulz, steps=steps, dtype=dtype)
     for _ in range(update.ndim - 2):
         fn = jax.vmap(fn)
     return fn(update)
@@ -247,14 +248,15 @@ class OptimizerInfo:
         impl = f" ({c.impl})" if c.name == MUON else ""
         clip = f"clip_norm {c.clip_norm}" if c.clip_norm > 0 else "no clipping"
         peaks = {MUON: c.lr, ADAMW: c.aux_lr if c.name == MUON else c.lr}
-        lines = [f"optimizer: {c.name}{impl}, {clip}, {c.schedule} schedule, "
-                 f"warmup {c.warmup_steps} of {self.total_steps} steps"]
+        header = (f"optimizer: {c.name}{impl}, {clip}, {c.schedule} schedule, "
+                  f"warmup {c.warmup_steps} of {self.total_steps} steps")
+        lines = [header]
         for group, n in self.group_counts().items():
             matrices = f" ({n['matrices']} matrices, per layer)" if group == MUON else ""
             lines.append(f"  {group:<5} peak lr {peaks[group]:g}: {n['tensors']} tensors{matrices}, "
                          f"{n['params']:,} params")
         width = max(len(p) for p in self.labels)
-        lines += [f"    {p:<{width}} {str(list(self.shapes[p])):<16} {g}" for p, g in self.labels.items()]
+        lines += [f"    {p:<{width}} {list(self.shapes[p])!s:<16} {g}" for p, g in self.labels.items()]
         return "\n".join(lines)
 
 
