@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
@@ -33,8 +32,7 @@ def reference_batch(name):
 
 
 def read_tensors(directory: Path) -> dict[str, np.ndarray]:
-    with safe_open(directory / "model.safetensors", framework="numpy") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+    return load_file(directory / "model.safetensors")
 
 
 def checkpoint_with(directory: Path, name: str, tensors: dict[str, np.ndarray]) -> Path:
@@ -89,6 +87,7 @@ def test_config_from_transformers4_layout_and_defaults():
     ({"use_sliding_window": True}, (), "use_sliding_window"),
     ({"model_type": "llama"}, (), "model_type 'llama'"),
     ({}, ("hidden_size",), "missing field(s) ['hidden_size']"),
+    ({"num_key_value_heads": 4}, (), "num_heads (6) must be a multiple of num_kv_heads (4)"),
 ])
 def test_unsupported_configs_are_refused(change, drop, message):
     config = {k: v for k, v in hf.load_hf_config(FIXTURES / "untied").items() if k not in drop} | change

@@ -88,12 +88,13 @@ def test_packed_rows_equal_separately_run_sequences():
         start += len(seq)
     packed = np.asarray(forward(params, cfg, tokens, segments, positions))[0]
     assert np.isfinite(packed).all()  # padding rows see no key at all and must not produce NaN
-    start = 0
-    for seq in seqs:
-        alone = np.asarray(forward(params, cfg, seq[None], np.ones((1, len(seq)), np.int32),
-                                   np.arange(len(seq), dtype=np.int32)[None]))[0]
-        assert np.abs(packed[start:start + len(seq)] - alone).max() <= SELF_TOL
-        start += len(seq)
+    # Each sequence alone in its own row, right-padded (trailing padding cannot change causal logits).
+    alone_tokens = np.stack([np.pad(seq, (0, max(lengths) - len(seq))) for seq in seqs])
+    alone_mask = (np.arange(max(lengths)) < np.array(lengths)[:, None]).astype(np.int32)
+    alone = full_logits(params, cfg, alone_tokens, alone_mask)
+    starts = np.cumsum((0,) + lengths[:-1])
+    for row, (start, n) in enumerate(zip(starts, lengths)):
+        assert np.abs(packed[start:start + n] - alone[row, :n]).max() <= SELF_TOL
 
 
 def test_logits_at_equals_forward_gathered():

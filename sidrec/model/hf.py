@@ -24,7 +24,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from sidrec.model.qwen2 import Params, Qwen2Config, param_specs, round_up
+from sidrec.model.qwen2 import (
+    Params,
+    Qwen2Config,
+    Qwen2ConfigError,
+    param_specs,
+    round_up,
+)
 from sidrec.model.tokenizer import TokenizerInfo, save_tokenizer
 
 
@@ -139,23 +145,27 @@ def config_from_hf(hf: dict, compute_dtype: str = "float32", remat: bool = False
     if missing:
         raise CheckpointError(f"{where}: missing field(s) {missing}")
     heads = hf["num_attention_heads"]
-    return Qwen2Config(
-        vocab_size=hf["vocab_size"],
-        real_vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rope_theta=_rope_theta(hf, where),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        max_position_embeddings=hf.get("max_position_embeddings", 32768),
-        compute_dtype=compute_dtype,
-        remat=remat,
-        init_std=hf.get("initializer_range", 0.02),
-    )
+    fields = {
+        "vocab_size": hf["vocab_size"],
+        "real_vocab_size": hf["vocab_size"],
+        "hidden_size": hf["hidden_size"],
+        "intermediate_size": hf["intermediate_size"],
+        "num_layers": hf["num_hidden_layers"],
+        "num_heads": heads,
+        "num_kv_heads": hf.get("num_key_value_heads") or heads,
+        "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
+        "rope_theta": _rope_theta(hf, where),
+        "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "tie_word_embeddings": hf.get("tie_word_embeddings", False),
+        "max_position_embeddings": hf.get("max_position_embeddings", 32768),
+        "compute_dtype": compute_dtype,
+        "remat": remat,
+        "init_std": hf.get("initializer_range", 0.02),
+    }
+    try:
+        return Qwen2Config(**fields)
+    except Qwen2ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def hf_config_dict(cfg: Qwen2Config, tokenizer_info: TokenizerInfo, dtype: str) -> dict:
@@ -184,7 +194,8 @@ def hf_config_dict(cfg: Qwen2Config, tokenizer_info: TokenizerInfo, dtype: str) 
         "use_cache": True,
         "torch_dtype": dtype,
         "eos_token_id": tokenizer_info.eos_id,
-        "pad_token_id": tokenizer_info.pad_id,
+        # No pad_token_id, as Qwen2.5's own config: transformers would make it the Embedding's
+        # padding_idx and freeze that row's gradient in any later torch fine-tuning.
     }
 
 
@@ -207,7 +218,7 @@ def _checkpoint_files(directory: Path) -> dict[str, Path]:
         return files
     if single.is_file():
         with safe_open(single, framework="numpy") as f:
-            return {name: single for name in f.keys()}
+            return dict.fromkeys(f.keys(), single)
     raise CheckpointError(f"{directory}: neither model.safetensors nor model.safetensors.index.json found")
 
 
@@ -215,8 +226,8 @@ def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for file in sorted(set(files.values())):
         with safe_open(file, framework="numpy") as f:
-            for name in f.keys():
-                if files.get(name) == file:
+            for name in sorted(f.keys()):
+                if files.get(name) == file:  # a shard's tensors the index does not list are ignored
                     shapes[name] = tuple(f.get_slice(name).get_shape())
     return shapes
 
@@ -229,10 +240,10 @@ def _shape_problems(cfg: Qwen2Config, shapes: dict[str, tuple[int, ...]]) -> lis
             problems.append(f"missing {name} (expected shape {list(shape)})")
         elif shapes[name] != shape:
             problems.append(f"{name} has shape {list(shapes[name])}, expected {list(shape)}")
-    for name in shapes:
+    for name, shape in shapes.items():
         if name in expected or (name == _TIED_HEAD and cfg.tie_word_embeddings):
             continue
-        problems.append(f"unexpected tensor {name} (shape {list(shapes[name])})")
+        problems.append(f"unexpected tensor {name} (shape {list(shape)})")
     if cfg.tie_word_embeddings and _TIED_HEAD in shapes:
         embed_shape = (cfg.vocab_size, cfg.hidden_size)
         if shapes[_TIED_HEAD] != embed_shape:
@@ -278,11 +289,12 @@ def load_params(directory: str | Path, cfg: Qwen2Config, *, shardings=None) -> P
                 value = np.ascontiguousarray(orient(read(tensor.hf_name)))
             sharding = None if shardings is None else _get(shardings, tensor.path)
             _set(params, tensor.path, _place(value, sharding))
-        if cfg.tie_word_embeddings and _TIED_HEAD in files:
-            if not np.array_equal(read(_TIED_HEAD), read("model.embed_tokens.weight")):
-                raise CheckpointError(
-                    f"{directory}: config.json sets tie_word_embeddings=true but {_TIED_HEAD} differs from "
-                    "model.embed_tokens.weight; set tie_word_embeddings=false to load the separate head")
+        tied_head_differs = (cfg.tie_word_embeddings and _TIED_HEAD in files
+                             and not np.array_equal(read(_TIED_HEAD), read("model.embed_tokens.weight")))
+        if tied_head_differs:
+            raise CheckpointError(
+                f"{directory}: config.json sets tie_word_embeddings=true but {_TIED_HEAD} differs from "
+                "model.embed_tokens.weight; set tie_word_embeddings=false to load the separate head")
     return params
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,10 @@ _MASKED_SCORE = float(np.finfo(np.float32).min) / 2
 
 Params = dict[str, Any]
 Unshard = Callable[[str, Any], Any]
+
+
+class Qwen2ConfigError(ValueError):
+    """An architecture that cannot be built (the message names the fields)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,13 +62,13 @@ class Qwen2Config:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+            raise Qwen2ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
         if self.real_vocab_size > self.vocab_size:
-            raise ValueError(f"real_vocab_size ({self.real_vocab_size}) exceeds vocab_size "
+            raise Qwen2ConfigError(f"real_vocab_size ({self.real_vocab_size}) exceeds vocab_size "
                              f"({self.vocab_size})")
         if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+            raise Qwen2ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
 
     @property
     def dtype(self):
@@ -74,7 +79,7 @@ class Qwen2Config:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_model_config(cls, model: ModelConfig, vocab_size: int, pad_to_multiple: int = 1) -> "Qwen2Config":
+    def from_model_config(cls, model: ModelConfig, vocab_size: int, pad_to_multiple: int = 1) -> Qwen2Config:
         """A from-scratch architecture; rows are padded up to a multiple (e.g. 128 for fast matmuls)."""
         return cls(
             vocab_size=round_up(vocab_size, pad_to_multiple),
@@ -176,6 +181,7 @@ def init_params(cfg: Qwen2Config, key: jax.Array) -> Params:
 
 
 def count_params(cfg: Qwen2Config) -> int:
+    """Stored parameters (padded vocabulary rows included)."""
     specs = jax.tree.leaves(param_specs(cfg), is_leaf=_is_info)
     return sum(math.prod(i.shape) for i in specs)
 
@@ -319,8 +325,10 @@ def forward_hidden(params: Params, cfg: Qwen2Config, tokens, segment_ids, positi
     tokens, segment_ids, positions: int32 [b, t]. A query sees keys of the same non-zero segment at or
     before its index in the row; positions restart per packed segment (the caller provides them).
     unshard(name, tree) returns the gathered arrays (FSDP hook; None = identity); it is called on
-    "embed", on each per-layer slice ("layer", inside the scan), on "final_norm" (and "lm_head"/"embed"
-    in logits_at).
+    "embed", on each per-layer slice dict ("layer", inside the scan, leaves without the L axis), on
+    "final_norm" (and in logits_at on "lm_head", or "embed" again when tied). It receives the fp32
+    master arrays and the cast to the compute dtype follows, so gradients are reduce-scattered in fp32;
+    an unshard that casts before gathering trades that for half the all-gather bytes.
     """
     unshard = unshard or _identity_unshard
     x = _embed(params, cfg, tokens, unshard)
