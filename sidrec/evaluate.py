@@ -1,0 +1,135 @@
+"""Evaluation run: eval prompts -> constrained beam search -> predictions file -> calc.py metrics.
+
+The model is a run's checkpoint (best or last) or any Hugging Face directory (`--model.hf-path`, e.g.
+the official MiniOneRec Industrial_ckpt). Prompts are grouped by padded length (one compilation per
+length bucket) into batches of `eval.batch_size` per device, split over every device of every
+process; parameters are replicated (beam search is batch-parallel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from sidrec import build, metrics, parallel
+from sidrec.checkpoint import Checkpointer
+from sidrec.config import Config
+from sidrec.data import minionerec
+from sidrec.decode import beam, trie as trie_lib
+from sidrec.errors import UserError
+from sidrec.logging import RunLogger, format_metrics_table
+from sidrec.model import hf, qwen2
+from sidrec.model.tokenizer import TokenizerInfo, load_tokenizer
+
+PREDICTIONS_FILE = "eval_predictions.json"
+METRICS_FILE = "eval_predictions.metrics.json"
+
+
+def load_for_eval(cfg: Config, mesh, which: str) -> tuple[dict, qwen2.Qwen2Config, TokenizerInfo, str]:
+    """Replicated params, model config, tokenizer and a description of where they came from."""
+    replicated = NamedSharding(mesh, P())
+    if cfg.model.hf_path:
+        directory = build.resolve_hf_path(cfg.model.hf_path)
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path or directory)
+        params, model_cfg = hf.load_model(directory, cfg.eval.dtype)
+        return jax.device_put(params, replicated), model_cfg, tokenizer, f"Hugging Face directory {directory}"
+    tokenizer, model_cfg = build.load_run_description(cfg.run_dir, cfg.eval.dtype)
+    checkpoints = Checkpointer(Path(cfg.run_dir) / "checkpoints")
+    step = checkpoints.step_for(which)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                            qwen2.abstract_params(model_cfg))
+    state, _ = checkpoints.restore(step, {"params": abstract}, partial=True)
+    checkpoints.close()
+    return state["params"], model_cfg, tokenizer, f"{which} checkpoint (step {step}) of {cfg.run_dir}"
+
+
+def check_sid_vocabulary(catalogue: minionerec.Catalogue, tokenizer: TokenizerInfo,
+                         model_cfg: qwen2.Qwen2Config, where: str) -> None:
+    """The model must know every SID token of the catalogue (else it never trained on SIDs)."""
+    missing = [t for t in catalogue.sid_tokens if tokenizer.tokenizer.token_to_id(t) is None]
+    if missing:
+        raise UserError(f"{where}: the tokenizer lacks {len(missing)} of the catalogue's "
+                        f"{len(catalogue.sid_tokens)} SID tokens (e.g. {missing[0]}); evaluate a model "
+                        f"fine-tuned on {catalogue.category} SIDs")
+    top = max(tokenizer.tokenizer.token_to_id(t) for t in catalogue.sid_tokens)
+    if top >= model_cfg.real_vocab_size:
+        raise UserError(f"{where}: SID token id {top} is outside the model's vocabulary "
+                        f"({model_cfg.real_vocab_size} rows); the weights were not resized for the SIDs")
+
+
+def run_eval(cfg: Config, checkpoint: str | None = None) -> dict:
+    """Evaluate and write eval_predictions.json + eval_predictions.metrics.json into the run dir."""
+    parallel.maybe_initialize_distributed(cfg.mesh)
+    mesh = parallel.make_mesh(cfg.mesh)
+    is_main = jax.process_index() == 0
+    say = print if is_main else (lambda _: None)
+    run_dir = Path(cfg.run_dir)
+    say(f"run dir: {run_dir.resolve()}")
+    say(parallel.describe(mesh))
+
+    catalogue = build.load_catalogue(cfg)
+    params, model_cfg, tokenizer, source = load_for_eval(cfg, mesh, checkpoint or cfg.eval.which)
+    check_sid_vocabulary(catalogue, tokenizer, model_cfg, source)
+    examples = minionerec.eval_examples(catalogue, cfg.eval.split, tokenizer)
+    if cfg.eval.max_samples > 0:
+        examples = examples[:cfg.eval.max_samples]
+    trie = trie_lib.build_trie(catalogue.sid_tokens_of.values(), tokenizer)
+    per_call = cfg.eval.batch_size * mesh.devices.size
+    batches = beam.batch_prompts([e.prompt_ids for e in examples], per_call, tokenizer.pad_id)
+    buckets = sorted({b.tokens.shape[1] for b in batches})
+    mode = "constrained" if cfg.eval.constrained else "unconstrained (pure)"
+    say(f"model: {source}, compute {model_cfg.compute_dtype}")
+    say(f"eval: {len(examples)} {cfg.eval.split} prompts of {catalogue.category}, {cfg.eval.num_beams} beams "
+        f"{mode}, {per_call} prompts per call in {len(batches)} calls, prompt-length buckets {buckets} "
+        f"(one compilation each)")
+
+    sequences, scores = _search_all(params, model_cfg, trie, batches, mesh, cfg, show=is_main)
+    predicts = beam.decode_predictions(sequences, tokenizer)
+    records = metrics.prediction_records([e.prompt for e in examples], [e.target for e in examples],
+                                         predicts, scores.tolist())
+    result = metrics.compute_metrics(records, catalogue.valid_sids)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics.write_predictions(run_dir / PREDICTIONS_FILE, records)
+        metrics.write_metrics(run_dir / METRICS_FILE, result)
+        say(format_metrics_table(result))
+        say(f"invalid predictions (before the first hit): {result['invalid_prediction_count']}; "
+            f"wrote {run_dir / PREDICTIONS_FILE} and {run_dir / METRICS_FILE}")
+        logger = RunLogger(dataclasses.asdict(cfg), run_dir, is_main=True, wandb_mode=cfg.wandb.mode,
+                           project=cfg.wandb.project, name=cfg.wandb.name, total_steps=0)
+        logger.log(0, {"eval": {"hr": result["hr"], "ndcg": result["ndcg"]}})
+        logger.close()
+    return result
+
+
+def _search_all(params, model_cfg, trie, batches, mesh, cfg: Config, *, show: bool):
+    """Run every batch; returns (sequences [n, W, G], scores [n, W]) in the input order."""
+    n = sum(int((b.indices >= 0).sum()) for b in batches)
+    sequences = np.zeros((n, cfg.eval.num_beams, trie.num_steps), np.int32)
+    scores = np.zeros((n, cfg.eval.num_beams), np.float32)
+    rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
+    process_rows = slice(jax.process_index() * len(batches[0].indices) // jax.process_count(),
+                         (jax.process_index() + 1) * len(batches[0].indices) // jax.process_count())
+    started = time.perf_counter()
+    with tqdm(total=n, unit="prompt", disable=not show, dynamic_ncols=True) as bar:
+        for batch in batches:
+            tokens, mask = (jax.make_array_from_process_local_data(rows, a[process_rows])
+                            for a in (batch.tokens, batch.mask))
+            out_sequences, out_scores = beam.beam_search(params, model_cfg, trie, tokens, mask,
+                                                         num_beams=cfg.eval.num_beams,
+                                                         constrained=cfg.eval.constrained)
+            out_sequences, out_scores = multihost_utils.process_allgather((out_sequences, out_scores),
+                                                                          tiled=True)
+            keep = batch.indices >= 0
+            sequences[batch.indices[keep]] = np.asarray(out_sequences)[keep]
+            scores[batch.indices[keep]] = np.asarray(out_scores)[keep]
+            bar.update(int(keep.sum()))
+            bar.set_postfix(prompts_per_s=f"{bar.n / (time.perf_counter() - started):.1f}")
+    return sequences, scores
