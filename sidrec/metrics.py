@@ -16,8 +16,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
-from typing import Container, Iterable, Sequence
 
 TOP_K = (1, 3, 5, 10, 20, 50)
 

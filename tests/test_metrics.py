@@ -5,7 +5,13 @@ import math
 
 import pytest
 
-from sidrec.metrics import MetricsError, compute_metrics, prediction_records, write_metrics, write_predictions
+from sidrec.metrics import (
+    MetricsError,
+    compute_metrics,
+    prediction_records,
+    write_metrics,
+    write_predictions,
+)
 
 CATALOGUE = {f"<a_{i}><b_{i}>" for i in range(60)}
 BAD = "<a_999><b_1>"  # not a catalogue SID
@@ -79,7 +85,7 @@ def test_files_load_as_calc_py_reads_them(tmp_path):
                                  [SAMPLES[0]["predict"], SAMPLES[1]["predict"]], [[-1.5] * 50, [-2.0] * 50])
     path = tmp_path / "run" / "eval_predictions.json"
     write_predictions(path, records)
-    loaded = json.load(open(path))
+    loaded = json.loads(path.read_text())
     # calc.py: json.load, then sample["predict"] (a list of strings) and sample["output"] (a string)
     assert loaded == records
     assert all(isinstance(p, str) for sample in loaded for p in sample["predict"])
@@ -88,7 +94,7 @@ def test_files_load_as_calc_py_reads_them(tmp_path):
     metrics = compute_metrics(loaded, CATALOGUE)
     metrics_path = tmp_path / "run" / "eval_predictions.metrics.json"
     write_metrics(metrics_path, metrics)
-    assert json.load(open(metrics_path)) == metrics
+    assert json.loads(metrics_path.read_text()) == metrics
     assert sorted(p.name for p in metrics_path.parent.iterdir()) == [
         "eval_predictions.json", "eval_predictions.metrics.json"]  # no temporary files left
 
@@ -98,5 +104,5 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
     write_metrics(path, {"n_samples": 1})
     with pytest.raises(TypeError):
         write_metrics(path, {"n_samples": object()})
-    assert json.load(open(path)) == {"n_samples": 1}
+    assert json.loads(path.read_text()) == {"n_samples": 1}
     assert [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -8,8 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sidrec.decode.trie import (INVALID_NODE, ROOT_NODE, TrieError, build_trie, candidates,
-                                trie_from_token_ids)
+from sidrec.decode.trie import (
+    INVALID_NODE,
+    ROOT_NODE,
+    TrieError,
+    build_trie,
+    candidates,
+    trie_from_token_ids,
+)
 from sidrec.model.tokenizer import add_sid_tokens, load_tokenizer
 
 SHARED = Path(__file__).parents[2] / "shared"

@@ -13,8 +13,8 @@ node but the root is the child of exactly one edge). Memory is two int32 arrays 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +35,10 @@ class TrieError(ValueError):
 class SidTrie:
     row_start: jax.Array    # int32 [num_nodes + 1]: children of node n are edges row_start[n]:row_start[n+1]
     child_token: jax.Array  # int32 [num_nodes - 1]: token id of edge e (which leads to node e + 1)
-    level_fanout: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    level_fanout: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     """Most children of any node at each generated step (len = SID depth + 2)."""
-    newline_id: int = dataclasses.field(metadata=dict(static=True))
-    eos_id: int = dataclasses.field(metadata=dict(static=True))
+    newline_id: int = dataclasses.field(metadata={"static": True})
+    eos_id: int = dataclasses.field(metadata={"static": True})
 
     @property
     def num_steps(self) -> int:
