@@ -19,10 +19,12 @@ import tempfile
 from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
 
+from sidrec.errors import UserError
+
 TOP_K = (1, 3, 5, 10, 20, 50)
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError):
     """Predictions that cannot be scored; the message names the sample and the fix."""
 
 

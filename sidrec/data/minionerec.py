@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sidrec.config import ALL_TASKS, DataConfig
+from sidrec.errors import UserError
 from sidrec.model.tokenizer import TokenizerInfo
 
 SPLITS = ("train", "valid", "test")
@@ -85,7 +86,7 @@ TYPO_FIXES = (("recetenly", "recently"), ("palyed", "played"), ("{category}s ", 
 _SID_TOKEN = re.compile(r"<[^<>]+>")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file that cannot be used; the message names the file, the line or key, and the fix."""
 
 

@@ -56,7 +56,10 @@ def beam_search(params, cfg, trie: SidTrie, tokens: jax.Array, mask: jax.Array, 
 
     Returns (sequences int32 [B, W, G], scores f32 [B, W]) with G = trie.num_steps (SID depth + 2): the
     generated suffixes, best first, EOS-filled after an early EOS. `constrained=False` searches the full
-    vocabulary (upstream's "pure" beam search) for the same G steps.
+    vocabulary (upstream's "pure" beam search) for the same G steps. The first step starts at the trie's
+    root: upstream keys it by the prompt's last tokens, which eval prompts end with ("### Response:\\n").
+    `model`: anything with qwen2's prefill / decode_step / reorder_beams (a static argument).
+    Compiles once per (prompt shape, num_beams, constrained, trie fan-outs).
     """
     steps = trie.num_steps
     logits, cache = model.prefill(params, cfg, tokens, mask, num_beams=num_beams, max_new_tokens=steps - 1)

@@ -20,13 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sidrec.errors import UserError
 from sidrec.model.tokenizer import TokenizerInfo
 
 ROOT_NODE = 0
 INVALID_NODE = -1
 
 
-class TrieError(ValueError):
+class TrieError(UserError):
     """A catalogue that cannot be turned into a decoding trie; the message names the SID and the fix."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from sidrec.errors import UserError
 from sidrec.model.qwen2 import (
     Params,
     Qwen2Config,
@@ -34,7 +35,7 @@ from sidrec.model.qwen2 import (
 from sidrec.model.tokenizer import TokenizerInfo, save_tokenizer
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A model directory that does not match what the config declares; names every bad tensor."""
 
 

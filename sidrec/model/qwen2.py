@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sidrec.config import ModelConfig
+from sidrec.errors import UserError
 
 # Logit of vocabulary rows that exist only as padding: finite (no NaN in softmax or its gradient)
 # and low enough that exp() underflows to exactly 0 next to any real logit.
@@ -33,7 +34,7 @@ Params = dict[str, Any]
 Unshard = Callable[[str, Any], Any]
 
 
-class Qwen2ConfigError(ValueError):
+class Qwen2ConfigError(UserError):
     """An architecture that cannot be built (the message names the fields)."""
 
 
