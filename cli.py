@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_eval(cfg)
         else:
-            from sidrec.train import run_train
             from sidrec.evaluate import run_eval
+            from sidrec.train import run_train
 
             run_train(cfg)
             run_eval(cfg, checkpoint="best")

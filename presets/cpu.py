@@ -2,8 +2,7 @@
 
 import dataclasses
 
-from sidrec.config import (CheckpointConfig, Config, DataConfig, EvalConfig, ModelConfig, OptimConfig,
-                           TrainConfig)
+from sidrec.config import CheckpointConfig, Config, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
 
 _SMALL_MODEL = ModelConfig(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
                            num_kv_heads=2, head_dim=32, max_position_embeddings=1024)

@@ -1,10 +1,18 @@
 """The embedded demo: synthetic catalogue, tiny from-scratch model, CPU, a few minutes end to end."""
 
-from sidrec.config import (CheckpointConfig, Config, DataConfig, EvalConfig, ModelConfig, OptimConfig,
-                           TrainConfig, WandbConfig)
+from sidrec.config import (
+                           CheckpointConfig,
+                           Config,
+                           DataConfig,
+                           EvalConfig,
+                           ModelConfig,
+                           OptimConfig,
+                           TrainConfig,
+                           WandbConfig,
+)
 
 DEMO = Config(
-    description="synthetic catalogue + tiny model from scratch on CPU: train, best checkpoint, eval vs most-popular (<5 min)",
+    description="synthetic catalogue, tiny model from scratch on CPU: train, eval the best vs most-popular (<5 min)",
     run_dir="runs/demo",
     model=ModelConfig(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=32, max_position_embeddings=1024),

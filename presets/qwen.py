@@ -4,8 +4,17 @@ All share one recipe (3 epochs, global batch 1024, warmup 20 then linear decay, 
 compute, seed 42, 50-beam eval, 8 prompts per device); presets differ by optimizer and device count.
 """
 
-from sidrec.config import (Config, DataConfig, EvalConfig, MeshConfig, ModelConfig, OptimConfig,
-                           TrainConfig, WandbConfig, replace)
+from sidrec.config import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    WandbConfig,
+    replace,
+)
 
 TPU_V6E_PEAK = 918e12  # bf16 FLOP/s per v6e chip
 TPU_V4_PEAK = 275e12

@@ -8,11 +8,11 @@ naming the fields involved.
 
 from __future__ import annotations
 
-from sidrec.errors import UserError
-
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
+
+from sidrec.errors import UserError
 
 DType = Literal["float32", "bfloat16"]
 
@@ -185,7 +185,7 @@ class Config:
     expected_devices: int = 0
     """Device count the preset was written for (0: any); used to check the effective batch."""
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         errors = list(_validation_errors(self))
         if errors:
             raise ConfigError("; ".join(errors))

@@ -19,11 +19,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from sidrec import build, metrics, parallel
-from sidrec.checkpoint import Checkpointer
 from sidrec.config import Config
 from sidrec.data import minionerec
 from sidrec.decode import beam, trie as trie_lib
 from sidrec.errors import UserError
+from sidrec.export import restore_params
 from sidrec.logging import RunLogger, format_metrics_table
 from sidrec.model import hf, qwen2
 from sidrec.model.tokenizer import TokenizerInfo, load_tokenizer
@@ -41,14 +41,8 @@ def load_for_eval(cfg: Config, mesh, which: str) -> tuple[dict, qwen2.Qwen2Confi
         params, model_cfg = hf.load_model(directory, cfg.eval.dtype)
         return jax.device_put(params, replicated), model_cfg, tokenizer, f"Hugging Face directory {directory}"
     tokenizer, model_cfg = build.load_run_description(cfg.run_dir, cfg.eval.dtype)
-    checkpoints = Checkpointer(Path(cfg.run_dir) / "checkpoints")
-    step = checkpoints.step_for(which)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                            qwen2.abstract_params(model_cfg))
-    state, _ = checkpoints.restore(step, {"params": abstract}, partial=True)
-    checkpoints.close()
-    return state["params"], model_cfg, tokenizer, f"{which} checkpoint (step {step}) of {cfg.run_dir}"
-
+    params, step = restore_params(cfg.run_dir, model_cfg, which, replicated)
+    return params, model_cfg, tokenizer, f"{which} checkpoint (step {step}) of {cfg.run_dir}"
 
 def check_sid_vocabulary(catalogue: minionerec.Catalogue, tokenizer: TokenizerInfo,
                          model_cfg: qwen2.Qwen2Config, where: str) -> None:

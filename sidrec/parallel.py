@@ -10,16 +10,16 @@ gradients come back already sharded like the parameters.
 
 from __future__ import annotations
 
-from sidrec.errors import UserError
-
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from sidrec.config import ConfigError, MeshConfig
+from sidrec.config import MeshConfig
+from sidrec.errors import UserError
 
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
-
-from pathlib import Path
 
 from sidrec import build, optim, parallel
 from sidrec.checkpoint import Checkpointer, PreemptionGuard
@@ -186,7 +185,7 @@ class Trainer:
     loader: Any
     total_steps: int
     param_shardings: Any
-    state: "StateFunctions"
+    state: StateFunctions
     optimizer_info: Any
 
     def fresh_state(self):
