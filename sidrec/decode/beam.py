@@ -129,7 +129,7 @@ def _advance(state: BeamState, logits: jax.Array, *, step, level: int | None, tr
     scores, tokens, children = (_flatten_beams(x, K, fill)
                                 for x, fill in ((scores, -jnp.inf), (tokens, 0), (children, INVALID_NODE)))
     top_scores, flat = jax.lax.top_k(scores, K)
-    parent = flat // per_beam
+    parent = jnp.minimum(flat // per_beam, state.running_scores.shape[1] - 1)  # padding -> a real beam
     top_tokens, top_children = _take(tokens, flat), _take(children, flat)
     sequences = jnp.take_along_axis(state.running_tokens, parent[..., None], axis=1)
     sequences = sequences.at[:, :, step].set(top_tokens)
