@@ -10,12 +10,14 @@ gradients come back already sharded like the parameters.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from sidrec.config import MeshConfig
@@ -55,6 +57,22 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> None:
         jax.distributed.initialize(address, num_processes=num, process_id=pid)
     else:
         jax.distributed.initialize()
+
+
+@contextlib.contextmanager
+def main_process_first(name: str) -> Iterator[None]:
+    """Process 0 runs the block before every other process does (a barrier between them).
+
+    For shared files in the run directory (synthetic data, tokenizer, token cache): process 0 writes
+    them, the others run the same block afterwards and find them written instead of racing to
+    create them. A no-op with one process. Every process must enter the block.
+    """
+    first = jax.process_index() == 0
+    if jax.process_count() > 1 and not first:
+        multihost_utils.sync_global_devices(name)
+    yield
+    if jax.process_count() > 1 and first:
+        multihost_utils.sync_global_devices(name)
 
 
 def _env_int(name: str) -> int | None:

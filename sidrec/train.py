@@ -212,15 +212,18 @@ def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
     say(f"run dir: {Path(cfg.run_dir).resolve()}")
     say(parallel.describe(mesh))
 
-    catalogue = build.load_catalogue(cfg)
-    tokenizer = build.build_tokenizer(cfg, catalogue)
-    model_cfg = build.model_config(cfg, tokenizer, vocab_multiple(fsdp))
-    build.save_run_description(cfg, tokenizer, model_cfg)
-    data_cfg = dataclasses.replace(cfg.data, root=str(build.data_root(cfg)))
-    cache_dir = Path(cfg.run_dir) / "cache"
     started = time.perf_counter()
-    train_data = batching.load_training_data(data_cfg, tokenizer, cache_dir, seed=cfg.seed)
-    valid_data = batching.load_validation_data(data_cfg, tokenizer, cache_dir)
+    # Process 0 writes the run directory's shared files (synthetic data, tokenizer, token cache); the
+    # others then read them, so they never race to create them and all use the same tokenizer.
+    with parallel.main_process_first("run directory files"):
+        catalogue = build.load_catalogue(cfg)
+        tokenizer = build.build_tokenizer(cfg, catalogue)
+        model_cfg = build.model_config(cfg, tokenizer, vocab_multiple(fsdp))
+        build.save_run_description(cfg, tokenizer, model_cfg)
+        data_cfg = dataclasses.replace(cfg.data, root=str(build.data_root(cfg)))
+        cache_dir = Path(cfg.run_dir) / "cache"
+        train_data = batching.load_training_data(data_cfg, tokenizer, cache_dir, seed=cfg.seed)
+        valid_data = batching.load_validation_data(data_cfg, tokenizer, cache_dir)
     mean_length = float(np.mean(train_data.lengths))
     layout = batching.Layout(seq_len=cfg.data.seq_len, rows_per_device=rows_per_device(cfg, mean_length),
                              local_device_count=jax.local_device_count(),
@@ -230,7 +233,7 @@ def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
     total_steps = plan_total_steps(cfg, loader.steps_per_epoch)
     say(f"data: {catalogue.category} from {data_cfg.root}: {len(train_data)} training examples "
         f"({', '.join(cfg.data.tasks)}; mean {mean_length:.0f} tokens), {len(valid_data)} validation "
-        f"examples, tokenized in {time.perf_counter() - started:.1f}s")
+        f"examples, loaded and tokenized in {time.perf_counter() - started:.1f}s")
     say(f"batch: {cfg.train.global_batch_size} examples/step packed into rows of {layout.seq_len} tokens, "
         f"{layout.rows_per_device} row(s) per device per micro-batch; {loader.steps_per_epoch} steps/epoch, "
         f"{total_steps} steps in all")
@@ -250,10 +253,10 @@ def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
 
 def run_train(cfg: Config) -> dict:
     """Train (resuming from the run directory's latest checkpoint); returns the run summary."""
-    is_main = jax.process_index() == 0 if jax.distributed.is_initialized() else True
+    parallel.maybe_initialize_distributed(cfg.mesh)  # before asking which process this is
+    is_main = jax.process_index() == 0
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     trainer = setup(cfg, say=print if is_main else (lambda _: None))
-    is_main = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)
     checkpoints = Checkpointer(cfg.checkpoint.resume_from or run_dir / "checkpoints",
                                keep_last=cfg.checkpoint.keep)
