@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from sidrec import build, metrics, parallel
 from sidrec.config import Config
-from sidrec.data import minionerec
+from sidrec.data import minionerec, synthetic
 from sidrec.decode import beam, trie as trie_lib
 from sidrec.errors import UserError
 from sidrec.export import restore_params
@@ -30,6 +30,7 @@ from sidrec.model.tokenizer import TokenizerInfo, load_tokenizer
 
 PREDICTIONS_FILE = "eval_predictions.json"
 METRICS_FILE = "eval_predictions.metrics.json"
+BASELINE_FILE = "most_popular.metrics.json"
 
 
 def load_for_eval(cfg: Config, mesh, which: str) -> tuple[dict, qwen2.Qwen2Config, TokenizerInfo, str]:
@@ -93,7 +94,11 @@ def run_eval(cfg: Config, checkpoint: str | None = None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics.write_predictions(run_dir / PREDICTIONS_FILE, records)
         metrics.write_metrics(run_dir / METRICS_FILE, result)
-        say(format_metrics_table(result))
+        # Most-popular (the train split's most frequent targets) on the same prompts: a sanity floor.
+        baseline = synthetic.most_popular_baseline(catalogue, cfg.eval.split, cfg.eval.num_beams,
+                                                   max_samples=len(examples))
+        metrics.write_metrics(run_dir / BASELINE_FILE, baseline)
+        say(format_metrics_table(result, baseline=baseline, baseline_name="most-popular"))
         say(f"invalid predictions (before the first hit): {result['invalid_prediction_count']}; "
             f"wrote {run_dir / PREDICTIONS_FILE} and {run_dir / METRICS_FILE}")
         logger = RunLogger(dataclasses.asdict(cfg), run_dir, is_main=True, wandb_mode=cfg.wandb.mode,

@@ -132,7 +132,9 @@ class RunLogger:
             self._local_dir.mkdir(parents=True, exist_ok=True)
         if wandb_mode != "disabled":
             self._wandb_run = _start_wandb(config_dict, self._local_dir, wandb_mode, project, name)
-        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        # total_steps 0 (an eval-only run): log files and wandb, no training bar.
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                         disable=total_steps == 0)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record `metrics` (flat or nested; arrays become numbers) as of optimizer step `step`."""

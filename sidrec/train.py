@@ -160,9 +160,27 @@ def vocab_multiple(fsdp_size: int) -> int:
     return math.lcm(128, fsdp_size)
 
 
-def rows_per_device(cfg: Config, mean_example_length: float) -> int:
-    """Packed rows per device per micro-batch that hold about `per_device_batch_size` examples."""
-    return max(1, round(cfg.train.per_device_batch_size * mean_example_length / cfg.data.seq_len))
+def grad_accum(cfg: Config, n_devices: int) -> int:
+    """Micro-batches per optimizer step: global batch / (per-device batch x devices)."""
+    per_micro_batch = cfg.train.per_device_batch_size * n_devices
+    if cfg.train.global_batch_size % per_micro_batch:
+        raise UserError(f"--train.global-batch-size ({cfg.train.global_batch_size}) must be a multiple of "
+                        f"--train.per-device-batch-size x devices ({cfg.train.per_device_batch_size} x "
+                        f"{n_devices})")
+    return cfg.train.global_batch_size // per_micro_batch
+
+
+def rows_per_device(cfg: Config, lengths: np.ndarray, n_devices: int, sample_steps: int = 16) -> int:
+    """Packed rows per device per micro-batch, sized so a step's examples fill `grad_accum` micro-batches.
+
+    Packing a few global batches of the data (in a seeded order) tells how many rows a step needs; the
+    fullest one sets the size, so steps use `grad_accum` micro-batches (rarely one more).
+    """
+    order = np.random.default_rng(cfg.seed).permutation(len(lengths))
+    batch = cfg.train.global_batch_size
+    steps = [order[i:i + batch] for i in range(0, min(len(order), sample_steps * batch), batch)]
+    rows = max(len(batching.pack_first_fit_decreasing(lengths[ids], cfg.data.seq_len)) for ids in steps)
+    return max(1, math.ceil(rows / (grad_accum(cfg, n_devices) * n_devices)))
 
 
 def plan_total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -225,7 +243,9 @@ def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
         train_data = batching.load_training_data(data_cfg, tokenizer, cache_dir, seed=cfg.seed)
         valid_data = batching.load_validation_data(data_cfg, tokenizer, cache_dir)
     mean_length = float(np.mean(train_data.lengths))
-    layout = batching.Layout(seq_len=cfg.data.seq_len, rows_per_device=rows_per_device(cfg, mean_length),
+    n_devices = mesh.devices.size
+    layout = batching.Layout(seq_len=cfg.data.seq_len,
+                             rows_per_device=rows_per_device(cfg, train_data.lengths, n_devices),
                              local_device_count=jax.local_device_count(),
                              process_index=jax.process_index(), process_count=jax.process_count())
     loader = batching.Loader(train_data, global_batch_size=cfg.train.global_batch_size, layout=layout,
@@ -234,8 +254,10 @@ def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
     say(f"data: {catalogue.category} from {data_cfg.root}: {len(train_data)} training examples "
         f"({', '.join(cfg.data.tasks)}; mean {mean_length:.0f} tokens), {len(valid_data)} validation "
         f"examples, loaded and tokenized in {time.perf_counter() - started:.1f}s")
-    say(f"batch: {cfg.train.global_batch_size} examples/step packed into rows of {layout.seq_len} tokens, "
-        f"{layout.rows_per_device} row(s) per device per micro-batch; {loader.steps_per_epoch} steps/epoch, "
+    accum = grad_accum(cfg, n_devices)
+    say(f"batch: {cfg.train.global_batch_size} examples/step = {cfg.train.per_device_batch_size} per device x "
+        f"{n_devices} devices x {accum} micro-batches, packed into {layout.rows_per_device} row(s) of "
+        f"{layout.seq_len} tokens per device per micro-batch; {loader.steps_per_epoch} steps/epoch, "
         f"{total_steps} steps in all")
 
     abstract = qwen2.abstract_params(model_cfg)
@@ -347,11 +369,14 @@ class _Meter:
         self.tokens = 0.0
         self.busy_s = 0.0
         self.steps = 0
+        self.first_step: int | None = None
         device = trainer.mesh.devices.flat[0]
         self.peak = peak_flops_for(device.device_kind, trainer.cfg.peak_flops_per_device)
         self.flops_per_token = qwen2.flops_per_token(trainer.model_cfg, trainer.cfg.data.seq_len)
 
     def push(self, step: int, metrics, n_tokens: float) -> None:
+        if self.first_step is None:
+            self.first_step = step
         self.pending.append((step, metrics, n_tokens))
         if len(self.pending) > 1:
             self._report(*self.pending.pop(0))
@@ -370,9 +395,10 @@ class _Meter:
                 "not finite; the update was skipped and no checkpoint was written after it. Lower "
                 "--optim.lr, check the data, or use --model.dtype float32")
         self.last_loss = float(metrics["loss"])
-        self.tokens += n_tokens
-        self.busy_s += step_time
-        self.steps += 1
+        if step > self.first_step:  # the first step's time is mostly compilation
+            self.tokens += n_tokens
+            self.busy_s += step_time
+            self.steps += 1
         if step % self.trainer.cfg.train.log_every_steps:
             return
         lrs = self.trainer.optimizer_info.learning_rates(step)

@@ -164,10 +164,14 @@ def _distinct_pieces(texts: list[str]) -> list[str]:
     return list(dict.fromkeys(_SID_TOKEN.sub("", piece) for piece in pieces))
 
 
-def most_popular_baseline(catalogue: Catalogue, split: str = "test", num_beams: int = 50) -> dict:
+def most_popular_baseline(catalogue: Catalogue, split: str = "test", num_beams: int = 50,
+                          max_samples: int = -1) -> dict:
     """Metrics (sidrec.metrics, calc.py semantics) of recommending every user the `num_beams` most
-    frequent train targets, most frequent first (ties: first seen first)."""
+    frequent train targets, most frequent first (ties: first seen first); the first `max_samples`
+    rows of the split when >= 0 (as `--eval.max-samples`)."""
     counts = Counter(row.item_sid for row in load_split(catalogue, "train"))
     ranked = [sid for sid, _ in counts.most_common(num_beams)]
-    records = [{"output": row.item_sid + "\n", "predict": ranked} for row in load_split(catalogue, split)]
+    rows = load_split(catalogue, split)
+    rows = rows if max_samples < 0 else rows[:max_samples]
+    records = [{"output": row.item_sid + "\n", "predict": ranked} for row in rows]
     return metrics.compute_metrics(records, catalogue.valid_sids)
