@@ -69,7 +69,8 @@ def run_eval(cfg: Config, checkpoint: str | None = None) -> dict:
     say(f"run dir: {run_dir.resolve()}")
     say(parallel.describe(mesh))
 
-    catalogue = build.load_catalogue(cfg)
+    with parallel.main_process_first("synthetic data"):  # a fresh --data.synthetic run dir is written once
+        catalogue = build.load_catalogue(cfg)
     params, model_cfg, tokenizer, source = load_for_eval(cfg, mesh, checkpoint or cfg.eval.which)
     check_sid_vocabulary(catalogue, tokenizer, model_cfg, source)
     examples = minionerec.eval_examples(catalogue, cfg.eval.split, tokenizer)

@@ -30,7 +30,7 @@ TINY = [
     "--data.synthetic-items", "40", "--data.synthetic-users", "120",
     "--model.hidden-size", "32", "--model.intermediate-size", "64", "--model.num-layers", "1",
     "--model.num-heads", "2", "--model.num-kv-heads", "1", "--model.head-dim", "16",
-    "--train.global-batch-size", "16", "--train.per-device-batch-size", "2",
+    "--train.global-batch-size", "16", "--train.per-device-batch-size", "2", "--data.valid-max-samples", "16",
     "--train.max-steps", str(TOTAL_STEPS), "--checkpoint.every-steps", str(SAVE_EVERY),
     "--checkpoint.keep", "2", "--wandb.mode", "disabled",
 ]
@@ -47,9 +47,10 @@ def train_command(run_dir: Path) -> list[str]:
 
 
 def run_env(compile_cache: Path) -> dict[str, str]:
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}  # no inherited multi-process setup
+    return env | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                  "JAX_COMPILATION_CACHE_DIR": str(compile_cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 
 
 def train(run_dir: Path, compile_cache: Path) -> None:
