@@ -75,6 +75,9 @@ class DataConfig:
     """Keep upstream's prompt typos ('recetenly', 'palyed')."""
     upstream_instruction_random: bool = True
     """sft_data instruction picked with Python random seeded as upstream (False: the first one)."""
+    eval_wording: Literal["upstream", "training"] = "upstream"
+    """Eval prompt wording: upstream's EvalSidDataset text (differs from training's sid_sft prompt), or
+    the sid_sft training prompt itself (for small models from scratch, which don't bridge the two)."""
     valid_max_samples: int = -1
     """Cap the validation set (-1: all rows)."""
 

@@ -73,7 +73,7 @@ def run_eval(cfg: Config, checkpoint: str | None = None) -> dict:
         catalogue = build.load_catalogue(cfg)
     params, model_cfg, tokenizer, source = load_for_eval(cfg, mesh, checkpoint or cfg.eval.which)
     check_sid_vocabulary(catalogue, tokenizer, model_cfg, source)
-    examples = minionerec.eval_examples(catalogue, cfg.eval.split, tokenizer)
+    examples = minionerec.eval_examples(catalogue, cfg.eval.split, tokenizer, cfg.data.eval_wording)
     if cfg.eval.max_samples > 0:
         examples = examples[:cfg.eval.max_samples]
     trie = trie_lib.build_trie(catalogue.sid_tokens_of.values(), tokenizer)

@@ -415,9 +415,13 @@ class EvalExample:
     target: str             # the next item's SID + "\n" (upstream's "output" field)
 
 
-def eval_examples(catalogue: Catalogue, split: str, tokenizer: TokenizerInfo) -> list[EvalExample]:
-    """Upstream's evaluation prompts (EvalSidDataset): wording differs from training's sid_sft."""
-    texts = [_example(SID_SFT_INSTRUCTION, EVAL_SID_INPUT.format(history=", ".join(row.history_sids)),
+def eval_examples(catalogue: Catalogue, split: str, tokenizer: TokenizerInfo,
+                  wording: str = "upstream") -> list[EvalExample]:
+    """Evaluation prompts. "upstream": EvalSidDataset's wording, which differs from the sid_sft prompt
+    the model trained on (a pretrained LLM bridges the two; a small model from scratch does not);
+    "training": the sid_sft training prompt itself (the `--data.eval-wording training` fix)."""
+    template = {"upstream": EVAL_SID_INPUT, "training": SID_SFT_INPUT}[wording]
+    texts = [_example(SID_SFT_INSTRUCTION, template.format(history=", ".join(row.history_sids)),
                       row.item_sid + "\n")
              for row in load_split(catalogue, split)]
     encoded = _encode_unique(tokenizer, [t.instruction for t in texts] + [t.prompt for t in texts])
