@@ -11,10 +11,11 @@ INDUSTRIAL_CPU = Config(
     description="Industrial_and_Scientific, all five tasks, small model from scratch on CPU (~30 min)",
     run_dir="runs/industrial-cpu",
     model=_SMALL_MODEL,
+    # From scratch: evaluate with the training wording (see --data.eval-wording).
     data=DataConfig(root="../shared/data", category="Industrial_and_Scientific", seq_len=1024,
-                    valid_max_samples=1024),
-    optim=OptimConfig(name="adamw", lr=2e-3, warmup_steps=20),
-    train=TrainConfig(epochs=3, global_batch_size=256, per_device_batch_size=64),
+                    valid_max_samples=1024, eval_wording="training"),
+    optim=OptimConfig(name="adamw", lr=3e-3, warmup_steps=20),
+    train=TrainConfig(epochs=2, global_batch_size=256, per_device_batch_size=64),
     eval=EvalConfig(split="test", num_beams=50, batch_size=16),
     checkpoint=CheckpointConfig(keep=1),
 )
