@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from sidrec import build
+from tiny import TINY_DATA_AND_MODEL
 from sidrec.export import restore_params
 
 REPO = Path(__file__).parents[1]
@@ -25,12 +26,10 @@ DEVICES = 8
 TOTAL_STEPS = 4
 EVAL_SAMPLES = 5
 TINY = [
-    "--data.synthetic-items", "40", "--data.synthetic-users", "120",
-    "--model.hidden-size", "32", "--model.intermediate-size", "64", "--model.num-layers", "1",
-    "--model.num-heads", "2", "--model.num-kv-heads", "1", "--model.head-dim", "16",
+    *TINY_DATA_AND_MODEL,
     # 8 examples a step fill at most 8 rows: one micro-batch, one compilation of the step.
     "--train.global-batch-size", "8", "--train.per-device-batch-size", "1", "--data.valid-max-samples", "8",
-    "--train.max-steps", str(TOTAL_STEPS), "--checkpoint.every-steps", "2", "--wandb.mode", "disabled",
+    "--train.max-steps", str(TOTAL_STEPS), "--checkpoint.every-steps", "2",
     "--mesh.fsdp", str(DEVICES), "--mesh.data", "1",
     # The first 5 test prompts share one length bucket: one call of 1 prompt per device (3 padding
     # rows), both processes holding real prompts, one compilation of the beam search.

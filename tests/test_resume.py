@@ -21,18 +21,17 @@ import numpy as np
 import pytest
 
 from sidrec import build
+from tiny import TINY_DATA_AND_MODEL
 from sidrec.export import restore_params
 
 REPO = Path(__file__).parents[1]
 TOTAL_STEPS = 24
 SAVE_EVERY = 4
 TINY = [
-    "--data.synthetic-items", "40", "--data.synthetic-users", "120",
-    "--model.hidden-size", "32", "--model.intermediate-size", "64", "--model.num-layers", "1",
-    "--model.num-heads", "2", "--model.num-kv-heads", "1", "--model.head-dim", "16",
+    *TINY_DATA_AND_MODEL,
     "--train.global-batch-size", "16", "--train.per-device-batch-size", "2", "--data.valid-max-samples", "16",
     "--train.max-steps", str(TOTAL_STEPS), "--checkpoint.every-steps", str(SAVE_EVERY),
-    "--checkpoint.keep", "2", "--wandb.mode", "disabled",
+    "--checkpoint.keep", "2",
 ]
 RUN_TIMEOUT_S = 300
 
