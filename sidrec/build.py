@@ -71,7 +71,7 @@ def build_tokenizer(cfg: Config, catalogue: minionerec.Catalogue) -> TokenizerIn
                  minionerec.training_examples(catalogue, cfg.data.tasks,
                                               minionerec.load_split(catalogue, "train"),
                                               minionerec.PromptOptions.from_config(cfg.data, cfg.seed))]
-        info = synthetic.train_bpe_tokenizer(texts, catalogue.sid_tokens, out_dir=None)
+        info = synthetic.train_bpe_tokenizer(texts, catalogue.sid_tokens, vocab_size=cfg.model.bpe_vocab_size)
     return add_sid_tokens(info, catalogue.sid_tokens)
 
 

@@ -31,6 +31,8 @@ class ModelConfig:
     """Local HF directory (config.json, *.safetensors, tokenizer.json). None: build from scratch."""
     tokenizer_path: str | None = None
     """Tokenizer directory (tokenizer.json). Default: hf_path; from scratch: a BPE trained on the data."""
+    bpe_vocab_size: int = 1024
+    """Vocabulary of the BPE trained for a from-scratch model (before the SID tokens are added)."""
     dtype: DType = "float32"
     """Compute dtype of matmuls (master weights stay fp32; softmax and loss are fp32)."""
     remat: bool = False
