@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             from sidrec.evaluate import run_eval
             from sidrec.train import run_train
 
-            run_train(cfg)
+            if run_train(cfg)["stop_reason"] == "preempted":
+                print("training was preempted: rerun the same command to resume (evaluation skipped)")
+                return 0
             run_eval(cfg, checkpoint="best")
         return 0
     except UserError as error:
