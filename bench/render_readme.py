@@ -1,0 +1,165 @@
+"""The README's performance section, generated from bench/results/*.json.
+
+    python -m bench.render_readme
+
+Writes bench/README_SECTION.md and, when README.md holds the markers below, replaces the text between
+them, so the README's figures are always those of the latest JSON files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import common
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+README = common.ROOT / "README.md"
+SECTION = Path(__file__).resolve().parent / "README_SECTION.md"
+
+
+def verdict(value: float, goal: float) -> str:
+    return "met" if value >= goal else "not met"
+
+
+def goals(eval_r: dict | None, train_r: dict | None) -> list[str]:
+    rows = []
+    side = eval_r and eval_r["results"]["side_by_side"]
+    if side:
+        rows.append({"goal": "eval: beam search vs transformers generate >= 20x", "value": f"{side['speedup']:.1f}x",
+                     "verdict": verdict(side["speedup"], 20)})
+    side = train_r and train_r["results"]["side_by_side"]
+    if side:
+        rows.append({"goal": "train: step vs PyTorch loop >= 3x", "value": f"{side['speedup']:.2f}x",
+                     "verdict": verdict(side["speedup"], 3)})
+    if train_r:
+        largest = train_r["results"]["sweep"][-1]
+        rows.append({"goal": "train: FLOP/s >= 50% of measured matmul FLOP/s (largest CPU config)",
+                     "value": f"{largest['executed_fraction_of_matmul_peak']:.0%} executed "
+                              f"({largest['nominal_fraction_of_matmul_peak']:.0%} nominal)",
+                     "verdict": verdict(largest["executed_fraction_of_matmul_peak"], 0.5)})
+    if not rows:
+        return []
+    return ["### Goals", "", common.table(rows, [("goal", "goal", ""), ("value", "measured", ""),
+                                                 ("verdict", "", "")]), ""]
+
+
+def eval_section(r: dict) -> list[str]:
+    side, full = r["results"]["side_by_side"], r["results"]["full_test_set"]
+    out = ["### Evaluation: constrained beam search, 50 beams, batch 8", "",
+           f"Model: {r['settings']['model']}; {r['settings']['category']} test prompts.", ""]
+    if side:
+        out += [common.table([
+            {"what": "sidrec `beam_search` (one jit)", "pps": side["ours_prompts_per_s"]},
+            {"what": "transformers `generate` + upstream constraint processor", "pps": side["hf_prompts_per_s"]},
+        ], [("what", f"same {side['prompts']} prompts, median of {side['repeats']}", ""),
+            ("pps", "prompts/s", ".2f")]), "",
+            f"Speedup **{side['speedup']:.1f}x**; the two agree on {side['top1_agreement']:.0%} of top-1 and "
+            f"{side['all_50_agreement']:.0%} of the full 50-prediction lists.", ""]
+    if full:
+        out += [f"Whole test split ({full['prompts']} prompts): {full['prompts_per_s']:.1f} prompts/s including "
+                f"compilation ({full['total_s']:.0f} s), {full['prompts_per_s_after_compile']:.1f} prompts/s after; "
+                f"{full['compilations']} compilation(s) for prompt-length buckets {full['length_buckets']}; "
+                f"peak RSS {full['peak_rss_mb']:.0f} MB.", ""]
+    return out
+
+
+def train_section(r: dict) -> list[str]:
+    res = r["results"]
+    side, rows, peak = res["side_by_side"], res["sweep"], res["matmul_peak"]
+    out = ["### Training step", "", f"Model: {r['settings']['model']}; data: {r['settings']['data']}.", ""]
+    if side:
+        out += [common.table([
+            {"what": "sidrec step (packed rows, logits at targets)", "eps": side["ours_examples_per_s"],
+             "tps": side["ours_tokens_per_s"]},
+            {"what": f"PyTorch + transformers (upstream padding, micro-batch {r['settings']['torch_micro_batch']})",
+             "eps": side["torch_examples_per_s"], "tps": side["torch_tokens_per_s"]},
+        ], [("what", f"one AdamW step, same {side['examples']} examples", ""), ("eps", "examples/s", ".2f"),
+            ("tps", "tokens/s", ".0f")]), "", f"Speedup **{side['speedup']:.2f}x**.", ""]
+    out += [f"Cost against batch and row length; FLOP/s as a fraction of this machine's dense fp32 matmul "
+            f"({peak['flops_per_s'] / 1e9:.1f} GFLOP/s, `jnp.dot`). *Nominal* counts "
+            "`qwen2.flops_per_token` (6N + attention) per real token, the MFU convention; *executed* counts "
+            "what the step computes (every row slot, the vocabulary head only at target slots).", "",
+            common.table(rows, [
+                ("seq_len", "row length", "d"), ("examples", "examples/step", "d"), ("rows", "rows", "d"),
+                ("targets_per_row", "target slots/row", "d"), ("tokens_per_s", "tokens/s", ".0f"),
+                ("step_s", "step s", ".2f"), ("first_step_s", "first step s (compile)", ".1f"),
+                ("nominal_fraction_of_matmul_peak", "nominal / peak", ".0%"),
+                ("executed_fraction_of_matmul_peak", "executed / peak", ".0%")]), ""]
+    prof = res["profile_of_largest"]
+    if prof:
+        parts = ", ".join(f"{name} {ms / prof['op_ms']:.0%}" for name, ms in list(prof["parts_ms"].items())[:6])
+        out += [f"Profile of the largest configuration (share of op time): {parts}; matmuls are "
+                f"{prof['matmul_share']:.0%} of it.", ""]
+    if res["memory"]:
+        m = res["memory"]
+        out += [f"Training peak RSS: {m['peak_rss_mb']:.0f} MB ({m['examples']} examples/step, rows of "
+                f"{m['seq_len']}).", ""]
+    return out
+
+
+def muon_section(r: dict) -> list[str]:
+    s = r["settings"]
+    return ["### Muon overhead", "", f"Same model, {s['examples']} examples in rows of {s['seq_len']}.", "",
+            common.table(r["results"]["optimizers"], [
+                ("optimizer", "optimizer", ""), ("step_s", "step s", ".2f"), ("step_ratio", "step / AdamW", ".2f"),
+                ("update_s", "update alone s", ".3f"), ("update_ratio", "update / AdamW", ".2f")]), ""]
+
+
+def scale_section(r: dict) -> list[str]:
+    res = r["results"]
+    step, seed = res["step"], res["seed"]
+    return ["### At scale: Qwen2.5-1.5B, global batch 1024, TPU v6e-8 (estimate)", "",
+            f"One optimizer step on the Industrial mixture packs {step['tokens']:,.0f} real tokens into "
+            f"{step['rows']:.0f} rows of {res['seq_len']} ({step['token_slots']:,.0f} slots) with "
+            f"{step['targets']:,.0f} loss targets ({step['target_slots']:,.0f} target slots).", "",
+            common.table([
+                {"what": f"seed port (every row padded to {seed['row_length']}, full logits)",
+                 "tflop": seed["flops_per_step"] / 1e12,
+                 "time": f"{seed['step_s']:.2f} s measured ({seed['mfu']:.0%} MFU)"},
+                {"what": "sidrec (packing, logits at targets, remat)",
+                 "tflop": res["executed_flops_per_step"] / 1e12,
+                 "time": ", ".join(f"{t:.2f} s at {u}" for u, t in res["step_s_at"].items())},
+            ], [("what", "per optimizer step", ""), ("tflop", "TFLOP", ".0f"), ("time", "step time", "")]), "",
+            f"Work ratio seed / ours {res['work_ratio_seed_over_ours']:.1f}x; implied speedup over the seed "
+            + ", ".join(f"{x:.1f}x at {u}" for u, x in res["speedup_over_seed_at"].items()) + " utilisation.", ""]
+
+
+def machine_line(results: list[dict]) -> str:
+    m = results[0]["machine"]
+    dates = sorted(r["machine"]["date"] for r in results)
+    versions = ", ".join(f"{k} {m[k]}" for k in ("jax", "torch", "transformers") if k in m)
+    loads = ", ".join(str(r["machine"]["load_average_1m"]) for r in results)
+    return (f"Measured on {m['cpu']} ({m['cores']} cores; 1-minute load average {loads} as each result was "
+            f"written), {versions}, {dates[0][:10]}; figures are medians. `just bench` regenerates this section "
+            "from bench/results/*.json.")
+
+
+def render() -> str:
+    results = {name: common.read_result(name) for name in ("eval_speed", "train_speed", "muon_overhead",
+                                                           "scale_estimate")}
+    present = [r for r in results.values() if r]
+    if not present:
+        return "No benchmark results yet: run `just bench`."
+    out = ["## Performance", "", machine_line(present), ""]
+    out += goals(results["eval_speed"], results["train_speed"])
+    sections = (("eval_speed", eval_section), ("train_speed", train_section), ("muon_overhead", muon_section),
+                ("scale_estimate", scale_section))
+    for name, section in sections:
+        if results[name]:
+            out += section(results[name])
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main() -> None:
+    text = render()
+    SECTION.write_text(text)
+    if README.is_file() and START in (readme := README.read_text()) and END in readme:
+        head, rest = readme.split(START, 1)
+        README.write_text(f"{head}{START}\n{text}{END}{rest.split(END, 1)[1]}")
+        print(f"updated the performance section of {README}")
+    else:
+        print(f"wrote {SECTION}; add {START} / {END} to README.md to have it updated there")
+
+
+if __name__ == "__main__":
+    main()

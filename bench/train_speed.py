@@ -1,0 +1,257 @@
+"""Train throughput: our jitted step vs a plain PyTorch loop over transformers' Qwen2ForCausalLM, cost
+against batch size and row length, and the step's FLOP/s against the machine's own matmul FLOP/s.
+
+    python -m bench.train_speed
+
+Model: the industrial-cpu preset's from-scratch architecture (hidden 128, 2 layers) with upstream's
+vocabulary (Qwen2.5 tokenizer + Industrial SID tokens, 152225 rows), on upstream's five-task
+Industrial training mixture; fp32 on both sides.
+
+Side by side, one optimizer step over the same examples (the first global batch of our loader):
+ours packs them into rows of `seq_len` tokens; PyTorch gets them as upstream's Trainer does
+(DataCollatorForSeq2Seq micro-batches of 4, loss / accumulation steps, clip 1.0, torch AdamW).
+Batch preparation is outside the timed region on both sides; repeats alternate the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+
+from bench import common, profile
+from presets.cpu import INDUSTRIAL_CPU
+from sidrec import parallel, train
+from sidrec.config import replace
+from sidrec.data import minionerec
+from sidrec.model import hf, qwen2
+
+TORCH_MICRO_BATCH = 4  # upstream sft.py's default micro_batch_size (its sft.sh uses 16 on GPUs)
+
+
+def bench_config(seq_len: int, examples: int, optimizer: str = "adamw", impl: str = "optax"):
+    """One optimizer step = `examples` examples in one micro-batch (no accumulation) of rows of seq_len."""
+    shared = common.require_shared()
+    return replace(
+        INDUSTRIAL_CPU, run_dir=str(common.WORK_DIR / "train"),
+        **{"model.tokenizer_path": str(shared / "tokenizers" / "qwen2.5"), "data.root": str(shared / "data"),
+           "data.seq_len": seq_len, "train.global_batch_size": examples,
+           "train.per_device_batch_size": examples, "optim.name": optimizer, "optim.impl": impl,
+           "wandb.mode": "disabled"})
+
+
+@dataclasses.dataclass
+class OurStep:
+    """A trainer's jitted step on its first batch, state carried (and donated) from call to call."""
+
+    trainer: train.Trainer
+    batch: dict
+    state: dict
+    stats: dict
+
+    @classmethod
+    def build(cls, cfg) -> OurStep:
+        trainer = train.setup(cfg, say=lambda _: None)
+        local = next(iter(trainer.loader))
+        A, R, T = local["tokens"].shape
+        stats = {"seq_len": T, "micro_batches": A, "rows": A * R, "targets_per_row": local["loss_pos"].shape[-1],
+                 "examples": cfg.train.global_batch_size, "tokens": float(local["n_tokens"]),
+                 "targets": float(local["n_targets"]), "slot_utilisation": float(local["n_tokens"]) / (A * R * T)}
+        return cls(trainer, parallel.global_batch(trainer.mesh, local), trainer.fresh_state(), stats)
+
+    def __call__(self) -> None:
+        self.state, metrics = self.trainer.state.step(self.state, self.batch)
+        jax.block_until_ready(metrics)
+
+    def hlo_text(self) -> str:
+        return self.trainer.state.step.lower(self.state, self.batch).compile().as_text()
+
+
+def executed_flops(model_cfg: qwen2.Qwen2Config, stats: dict) -> float:
+    """FLOPs the step really computes (forward + backward = 3 x forward): layer matmuls and attention
+    over every row slot (padding included), the vocabulary head only at the target slots."""
+    c = model_cfg
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    layer_matmul = c.num_layers * (c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size)
+    attention = 4 * c.num_layers * q * stats["seq_len"]  # scores + weighted sum, per query token
+    slots = stats["rows"] * stats["seq_len"]
+    target_slots = stats["rows"] * stats["targets_per_row"]
+    return 3 * (slots * (2 * layer_matmul + attention) + target_slots * 2 * c.hidden_size * c.vocab_size)
+
+
+def dense_matmul_flops(sizes=(1024, 2048), repeats: int = 5) -> dict:
+    """The machine's dense fp32 matmul FLOP/s: median of jnp.dot on square matrices, best size."""
+    rates = {}
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        dot = jax.jit(jnp.dot)
+
+        def run(dot=dot, a=a):
+            dot(a, a).block_until_ready()
+
+        run()
+        rates[n] = 2 * n**3 / common.median([common.seconds(run) for _ in range(repeats)])
+    return {"flops_per_s": max(rates.values()), "by_size": rates}
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch + transformers, as upstream trains
+
+
+def torch_step(ours: OurStep):
+    """Upstream's optimizer step over the same examples as `ours` (a blocking callable)."""
+    import torch
+    import transformers
+
+    from bench import upstream
+
+    trainer = ours.trainer
+    cfg = trainer.cfg
+    torch.manual_seed(cfg.seed)
+    config = transformers.Qwen2Config(**hf.hf_config_dict(trainer.model_cfg, trainer.tokenizer, "float32"))
+    model = transformers.Qwen2ForCausalLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.b1, cfg.optim.b2),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    shared = common.require_shared()
+    catalogue = minionerec.load_catalogue(shared / "data", common.CATEGORY)
+    tokenizer = upstream.hf_tokenizer(shared / "tokenizers" / "qwen2.5", list(catalogue.sid_tokens))
+    ids = trainer.loader.epoch_order(0)[:cfg.train.global_batch_size]
+    examples = [trainer.train_data.example(i) for i in ids]
+    micro_batches = [upstream.collate(tokenizer, examples[i:i + TORCH_MICRO_BATCH])
+                     for i in range(0, len(examples), TORCH_MICRO_BATCH)]
+    positions = sum(mb["input_ids"].numel() for mb in micro_batches)
+
+    def step():
+        for micro_batch in micro_batches:
+            (model(**micro_batch).loss / len(micro_batches)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, {"padded_positions": positions, "micro_batches": len(micro_batches)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The measurements
+
+
+def side_by_side(seq_len: int, examples: int, repeats: int, peak: float) -> tuple[dict, dict]:
+    """(the comparison, our sweep row for this point)."""
+    ours = OurStep.build(bench_config(seq_len, examples))
+    first_s = common.seconds(ours)
+    torch_run, torch_stats = torch_step(ours)
+    times = common.alternate({"ours": ours, "torch": torch_run}, repeats)
+    ours_s, torch_s = common.median(times["ours"]), common.median(times["torch"])
+    comparison = {
+        "examples": examples, "tokens": ours.stats["tokens"], "ours_s": times["ours"], "torch_s": times["torch"],
+        "torch_padded_positions": torch_stats["padded_positions"], "torch_micro_batches": torch_stats["micro_batches"],
+        "ours_examples_per_s": examples / ours_s, "torch_examples_per_s": examples / torch_s,
+        "ours_tokens_per_s": ours.stats["tokens"] / ours_s, "torch_tokens_per_s": ours.stats["tokens"] / torch_s,
+        "speedup": torch_s / ours_s}
+    return comparison, sweep_row(ours, first_s, ours_s, peak)
+
+
+def sweep_row(ours: OurStep, first_s: float, step_s: float, peak: float) -> dict:
+    """tokens/s of one (seq_len, examples) point, and its FLOP/s as a fraction of the matmul peak:
+    nominal (qwen2.flops_per_token x real tokens, the MFU convention) and executed (`executed_flops`)."""
+    model_cfg, stats = ours.trainer.model_cfg, ours.stats
+    nominal = qwen2.flops_per_token(model_cfg, stats["seq_len"]) * stats["tokens"] / step_s
+    executed = executed_flops(model_cfg, stats) / step_s
+    return {**stats, "first_step_s": first_s, "step_s": step_s, "tokens_per_s": stats["tokens"] / step_s,
+            "examples_per_s": stats["examples"] / step_s, "nominal_flops_per_s": nominal,
+            "executed_flops_per_s": executed, "nominal_fraction_of_matmul_peak": nominal / peak,
+            "executed_fraction_of_matmul_peak": executed / peak}
+
+
+def sweep(points: list[tuple[int, int]], repeats: int, peak: float) -> tuple[list[dict], dict]:
+    """Sweep rows of (seq_len, examples) points; the last point is also profiled."""
+    rows, profiled = [], None
+    for i, (seq_len, examples) in enumerate(points):
+        ours = OurStep.build(bench_config(seq_len, examples))
+        first_s = common.seconds(ours)
+        rows.append(sweep_row(ours, first_s, common.median([common.seconds(ours) for _ in range(repeats)]), peak))
+        if i == len(points) - 1:
+            profiled = profile.profile(ours, ours.hlo_text())
+    return rows, profiled
+
+
+def peak_memory(seq_len: int, examples: int, steps: int) -> dict:
+    """Run in a fresh process: setup + `steps` training steps; this process's peak RSS."""
+    ours = OurStep.build(bench_config(seq_len, examples))
+    for _ in range(steps):
+        ours()
+    return {"seq_len": seq_len, "examples": examples, "steps": steps, "peak_rss_mb": common.peak_rss_mb()}
+
+
+def report(side: dict | None, rows: list[dict], peak: dict, profiled: dict | None, memory: dict | None) -> str:
+    lines = [f"dense fp32 matmul (jnp.dot): {peak['flops_per_s'] / 1e9:.1f} GFLOP/s"]
+    if side:
+        lines.append(common.table([
+            {"what": "sidrec step (jit, packed)", "eps": side["ours_examples_per_s"], "tps": side["ours_tokens_per_s"],
+             "s": common.median(side["ours_s"])},
+            {"what": "PyTorch + transformers (upstream padding)", "eps": side["torch_examples_per_s"],
+             "tps": side["torch_tokens_per_s"], "s": common.median(side["torch_s"])},
+        ], [("what", f"one step of {side['examples']} examples", ""), ("eps", "examples/s", ".2f"),
+            ("tps", "tokens/s", ".0f"), ("s", "median s", ".2f")]))
+        lines.append(f"speedup {side['speedup']:.2f}x (goal >= 3x)")
+    lines.append(common.table(rows, [
+        ("seq_len", "seq_len", "d"), ("examples", "examples", "d"), ("rows", "rows", "d"),
+        ("targets_per_row", "target slots/row", "d"), ("tokens_per_s", "tokens/s", ".0f"),
+        ("step_s", "step s", ".2f"), ("first_step_s", "first step s", ".1f"),
+        ("nominal_fraction_of_matmul_peak", "nominal/peak", ".0%"),
+        ("executed_fraction_of_matmul_peak", "executed/peak", ".0%")]))
+    if profiled:
+        total = profiled["op_ms"]
+        parts = ", ".join(f"{name} {ms / total:.0%}" for name, ms in list(profiled["parts_ms"].items())[:6])
+        lines.append(f"profile of the last row: {parts}; matmuls {profiled['matmul_share']:.0%} of op time")
+    if memory:
+        lines.append(f"training peak RSS: {memory['peak_rss_mb']:.0f} MB ({memory['examples']} examples/step, "
+                     f"rows of {memory['seq_len']})")
+    return "\n".join(lines)
+
+
+def main(side_by_side_examples: int = 16, seq_len: int = 1024, repeats: int = 3, sweep_repeats: int = 2,
+         examples_sweep: tuple[int, ...] = (8, 32), seq_len_sweep: tuple[int, ...] = (512, 2048),
+         memory_child: bool = False) -> None:
+    """Side by side with PyTorch (needs torch), the tokens/s sweep (the side-by-side point plus
+    `examples_sweep` at `seq_len` and `seq_len_sweep` at `side_by_side_examples`), FLOP/s against the
+    matmul peak with a profile of the largest point, and the training peak RSS (a fresh process).
+
+    memory_child: internal; measure only the training peak RSS here and print its JSON.
+    """
+    if memory_child:
+        print(json.dumps(peak_memory(seq_len, side_by_side_examples, steps=2)))
+        return
+    skipped = {}
+    peak = dense_matmul_flops()
+    side, rows = None, []
+    try:
+        common.require_torch()
+        side, row = side_by_side(seq_len, side_by_side_examples, repeats, peak["flops_per_s"])
+        rows.append(row)
+    except common.BenchUnavailable as reason:
+        skipped["side_by_side"] = str(reason)
+    points = {(seq_len, n) for n in examples_sweep} | {(t, side_by_side_examples) for t in seq_len_sweep}
+    if side is None:
+        points.add((seq_len, side_by_side_examples))
+    more_rows, profiled = sweep(sorted(points, key=lambda p: (p[1], p[0])), sweep_repeats, peak["flops_per_s"])
+    rows = sorted(rows + more_rows, key=lambda r: (r["examples"], r["seq_len"]))
+    memory = common.run_module("bench.train_speed", "--memory-child", "--seq-len", str(seq_len),
+                               "--side-by-side-examples", str(side_by_side_examples))
+    settings = {"model": "industrial-cpu preset architecture (hidden 128, 2 layers, 4 heads, 2 kv heads) with "
+                "the Qwen2.5 + SID vocabulary (152225, padded to 152320), fp32",
+                "data": f"{common.CATEGORY}, five-task training mixture", "torch_micro_batch": TORCH_MICRO_BATCH,
+                "skipped": skipped}
+    common.write_result("train_speed", settings, {"matmul_peak": peak, "side_by_side": side, "sweep": rows,
+                                                  "profile_of_largest": profiled, "memory": memory})
+    print(report(side, rows, peak, profiled, memory))
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}")
+
+
+if __name__ == "__main__":
+    import tyro
+
+    tyro.cli(main)
