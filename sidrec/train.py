@@ -226,7 +226,8 @@ class Trainer:
 def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
     parallel.maybe_initialize_distributed(cfg.mesh)
     mesh = parallel.make_mesh(cfg.mesh)
-    fsdp = mesh.shape[parallel.FSDP]
+    fsdp, n_devices = mesh.shape[parallel.FSDP], mesh.devices.size
+    accum = grad_accum(cfg, n_devices)  # fails early when the batch does not divide over the devices
     say(f"run dir: {Path(cfg.run_dir).resolve()}")
     say(parallel.describe(mesh))
 
@@ -243,7 +244,6 @@ def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
         train_data = batching.load_training_data(data_cfg, tokenizer, cache_dir, seed=cfg.seed)
         valid_data = batching.load_validation_data(data_cfg, tokenizer, cache_dir)
     mean_length = float(np.mean(train_data.lengths))
-    n_devices = mesh.devices.size
     layout = batching.Layout(seq_len=cfg.data.seq_len,
                              rows_per_device=rows_per_device(cfg, train_data.lengths, n_devices),
                              local_device_count=jax.local_device_count(),
@@ -254,7 +254,6 @@ def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
     say(f"data: {catalogue.category} from {data_cfg.root}: {len(train_data)} training examples "
         f"({', '.join(cfg.data.tasks)}; mean {mean_length:.0f} tokens), {len(valid_data)} validation "
         f"examples, loaded and tokenized in {time.perf_counter() - started:.1f}s")
-    accum = grad_accum(cfg, n_devices)
     say(f"batch: {cfg.train.global_batch_size} examples/step = {cfg.train.per_device_batch_size} per device x "
         f"{n_devices} devices x {accum} micro-batches, packed into {layout.rows_per_device} row(s) of "
         f"{layout.seq_len} tokens per device per micro-batch; {loader.steps_per_epoch} steps/epoch, "
@@ -301,6 +300,9 @@ def run_train(cfg: Config) -> dict:
     logger.info(f"resumed from step {step} (epoch {trainer.loader.epoch})" if resume_step is not None
                 else "starting from step 0")
     logger.info(trainer.optimizer_info.describe())
+    shapes = trainer.loader.upcoming_micro_batches(trainer.total_steps - step)
+    logger.info(f"step shapes: micro-batches per step in {shapes}: {len(shapes)} compilation(s) of the train "
+                f"step for the {trainer.total_steps - step} remaining steps")
     meter = _Meter(trainer, logger)
     started = time.perf_counter()
     stop_reason = "finished"
