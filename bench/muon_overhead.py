@@ -35,12 +35,12 @@ def update_only(step: OurStep):
     return lambda: jax.block_until_ready(update(params, grads, opt_state))
 
 
-def main(seq_len: int = 1024, examples: int = 8, repeats: int = 3) -> None:
+def main(seq_len: int = 1024, examples: int = 8, repeats: int = 2) -> None:
     steps = {name: OurStep.build(bench_config(seq_len, examples, *choice)) for name, choice in OPTIMIZERS.items()}
     first_s = {name: common.seconds(step) for name, step in steps.items()}
     step_times = common.alternate(steps, repeats)
     updates = {name: update_only(step) for name, step in steps.items()}
-    update_times = common.alternate(updates, repeats * 3)
+    update_times = common.alternate(updates, 5)
     rows = []
     for name in OPTIMIZERS:
         step_s, update_s = common.median(step_times[name]), common.median(update_times[name])

@@ -222,7 +222,7 @@ def main(side_by_side_examples: int = 16, seq_len: int = 1024, repeats: int = 3,
     memory_child: internal; measure only the training peak RSS here and print its JSON.
     """
     if memory_child:
-        print(json.dumps(peak_memory(seq_len, side_by_side_examples, steps=2)))
+        print(json.dumps(peak_memory(seq_len, side_by_side_examples, steps=1)))
         return
     skipped = {}
     peak = dense_matmul_flops()
