@@ -170,16 +170,19 @@ def grad_accum(cfg: Config, n_devices: int) -> int:
     return cfg.train.global_batch_size // per_micro_batch
 
 
-def rows_per_device(cfg: Config, lengths: np.ndarray, n_devices: int, sample_steps: int = 16) -> int:
+def rows_per_device(cfg: Config, data, n_devices: int, sample_steps: int = 16) -> int:
     """Packed rows per device per micro-batch, sized so a step's examples fill `grad_accum` micro-batches.
 
     Packing a few global batches of the data (in a seeded order) tells how many rows a step needs; the
     fullest one sets the size, so steps use `grad_accum` micro-batches (rarely one more).
     """
+    lengths, targets = data.lengths, batching.target_counts(data)
+    max_targets = batching.targets_per_row(data, cfg.data.seq_len)
     order = np.random.default_rng(cfg.seed).permutation(len(lengths))
     batch = cfg.train.global_batch_size
     steps = [order[i:i + batch] for i in range(0, min(len(order), sample_steps * batch), batch)]
-    rows = max(len(batching.pack_first_fit_decreasing(lengths[ids], cfg.data.seq_len)) for ids in steps)
+    rows = max(len(batching.pack_first_fit_decreasing(lengths[ids], cfg.data.seq_len, targets[ids], max_targets))
+               for ids in steps)
     return max(1, math.ceil(rows / (grad_accum(cfg, n_devices) * n_devices)))
 
 
@@ -245,7 +248,7 @@ def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
         valid_data = batching.load_validation_data(data_cfg, tokenizer, cache_dir)
     mean_length = float(np.mean(train_data.lengths))
     layout = batching.Layout(seq_len=cfg.data.seq_len,
-                             rows_per_device=rows_per_device(cfg, train_data.lengths, n_devices),
+                             rows_per_device=rows_per_device(cfg, train_data, n_devices),
                              local_device_count=jax.local_device_count(),
                              process_index=jax.process_index(), process_count=jax.process_count())
     loader = batching.Loader(train_data, global_batch_size=cfg.train.global_batch_size, layout=layout,
