@@ -33,6 +33,17 @@ def classify(op_name: str) -> tuple[str, str, bool]:
     return scope, "backward" if backward else "forward", "dot_general" in op_name
 
 
+def short_source(op_name: str) -> str:
+    """The readable tail of an op_name: what follows the innermost jit/loop wrapper."""
+    return op_name.rsplit("closed_call/", 1)[-1].split(")/", 1)[-1] if op_name else "?"
+
+
+def top_ops_line(result: dict, n: int = 3) -> str:
+    """'45% reduce_sum, 30% logits/...d,dv->...v/dot_general, ...' for the busiest ops."""
+    return ", ".join(f"{op['ms'] / result['op_ms']:.0%} `{short_source(op['source'])}`"
+                     for op in result["top_ops"][:n])
+
+
 def profile(run: Callable[[], object], hlo_text: str, repeats: int = 1) -> dict:
     """Run `run` (blocking) `repeats` times under the profiler; milliseconds per run by scope/pass,
     the share spent in matmuls, and the busiest ops."""

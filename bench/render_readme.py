@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import common
+from bench import common, profile
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 README = common.ROOT / "README.md"
@@ -54,7 +54,10 @@ def eval_section(r: dict) -> list[str]:
         ], [("what", f"same {side['prompts']} prompts, median of {side['repeats']}", ""),
             ("pps", "prompts/s", ".2f")]), "",
             f"Speedup **{side['speedup']:.1f}x**; the two agree on {side['top1_agreement']:.0%} of top-1 and "
-            f"{side['all_50_agreement']:.0%} of the full 50-prediction lists.", ""]
+            f"{side['all_50_agreement']:.0%} of the full 50-prediction lists. transformers spends "
+            f"{side['hf_processor_share']:.0%} of its time in upstream's processor (a second full-vocabulary "
+            "log-softmax and a per-beam Python mask loop). Ours, one call profiled: "
+            f"{profile.top_ops_line(side['ours_profile_one_call'])} of op time.", ""]
     if full:
         out += [f"Whole test split ({full['prompts']} prompts): {full['prompts_per_s']:.1f} prompts/s including "
                 f"compilation ({full['total_s']:.0f} s), {full['prompts_per_s_after_compile']:.1f} prompts/s after; "

@@ -53,7 +53,7 @@ def step_statistics(seq_len: int) -> dict:
     data_cfg = dataclasses.replace(cfg.data, root=str(shared / "data"), seq_len=seq_len)
     data = batching.load_training_data(data_cfg, tokenizer, common.WORK_DIR / "train" / "cache", seed=cfg.seed)
     cfg = dataclasses.replace(cfg, data=data_cfg)
-    layout = batching.Layout(seq_len=seq_len, rows_per_device=train.rows_per_device(cfg, data.lengths, DEVICES),
+    layout = batching.Layout(seq_len=seq_len, rows_per_device=train.rows_per_device(cfg, data, DEVICES),
                              local_device_count=DEVICES)
     loader = batching.Loader(data, global_batch_size=cfg.train.global_batch_size, layout=layout, seed=cfg.seed)
     plans = loader.epoch_plans(0)
