@@ -126,6 +126,7 @@ def write_result(name: str, settings: dict, results: dict) -> Path:
     with tempfile.NamedTemporaryFile("w", dir=RESULTS, suffix=".tmp", delete=False) as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
+    os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600
     os.replace(f.name, path)
     return path
 
