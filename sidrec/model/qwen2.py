@@ -347,11 +347,13 @@ def _head(params, cfg: Qwen2Config, unshard) -> jax.Array:
 def _vocab_logits(params, cfg: Qwen2Config, hidden, unshard) -> jax.Array:
     """hidden [..., d] -> fp32 logits [..., v], padded vocabulary rows masked."""
     with jax.named_scope("logits"):
-        logits = jnp.einsum("...d,dv->...v", hidden, _head(params, cfg, unshard),
-                            preferred_element_type=jnp.float32)
+        # One 2-D matmul: with leading batch dims XLA materialised a transpose of the [slots, vocab]
+        # gradient (measured 9.6 s -> 6.7 s for the loss + gradient of a 152k-vocabulary step on CPU).
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        logits = jnp.dot(flat, _head(params, cfg, unshard), preferred_element_type=jnp.float32)
         if cfg.real_vocab_size < cfg.vocab_size:
             logits = jnp.where(jnp.arange(cfg.vocab_size) < cfg.real_vocab_size, logits, MASKED_LOGIT)
-        return logits
+        return logits.reshape(*hidden.shape[:-1], cfg.vocab_size)
 
 
 def logits_at(params: Params, cfg: Qwen2Config, hidden, index, *, unshard: Unshard | None = None) -> jax.Array:

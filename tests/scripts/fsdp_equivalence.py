@@ -119,8 +119,12 @@ def main():
     for opt_name, optim_cfg in optimizers.items():
         tx, _ = optim.build_optimizer(optim_cfg, params, total_steps=10)
         ref_losses, ref_params, _ = run_steps(one, devices[:1], params, batches, tx)
-        for name, mesh_cfg in {"fsdp8": MeshConfig(data=1, fsdp=8),
-                               "data2_fsdp4": MeshConfig(data=2, fsdp=4)}.items():
+        # Multi-step runs on fsdp=8 only (data=2 x fsdp=4 is covered by the gradient check above);
+        # both layouts under SIDREC_SLOW=1.
+        layouts = {"fsdp8": MeshConfig(data=1, fsdp=8)}
+        if SLOW:
+            layouts["data2_fsdp4"] = MeshConfig(data=2, fsdp=4)
+        for name, mesh_cfg in layouts.items():
             losses, got, compiles = run_steps(mesh_cfg, devices, params, batches, tx)
             out[f"{opt_name}_{name}_steps_loss_diff"] = max(abs(a - b) for a, b in zip(losses, ref_losses))
             out[f"{opt_name}_{name}_steps_param_diff"] = max_diff(got, ref_params)
