@@ -75,7 +75,8 @@ class Checkpointer:
             raise CheckpointError(f"keep_last={keep_last}: keep at least the last checkpoint (>= 1)")
         if mode not in ("min", "max"):
             raise CheckpointError(f"mode={mode!r}: choose 'min' or 'max'")
-        self._directory = epath.Path(directory)
+        # Orbax needs absolute paths; a relative local run dir (`runs/demo`) is resolved here.
+        self._directory = epath.Path(directory) if "://" in str(directory) else epath.Path(directory).resolve()
         self._best_metric = best_metric
         self._manager = ocp.CheckpointManager(
             self._directory,

@@ -43,3 +43,13 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
     assert "is not finite" in done.stderr and "no checkpoint was written" in done.stderr
     checkpoints = tmp_path / "checkpoints"
     assert not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir())
+
+
+def test_relative_run_dir(tmp_path):
+    # Users pass --run-dir runs/NAME; Orbax itself only takes absolute paths.
+    done = subprocess.run([*CLI, "train", "--preset", "demo", "--run-dir", "rel/run", *TINY_DATA_AND_MODEL,
+                           "--train.global-batch-size", "16", "--train.per-device-batch-size", "16",
+                           "--data.valid-max-samples", "16", "--train.max-steps", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "rel" / "run" / "checkpoints" / "2").is_dir()
