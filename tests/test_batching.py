@@ -39,8 +39,8 @@ def examples_in(batch):
 def reference_targets(data, example_ids):
     """HF semantics on the packed row: labels of the concatenation, shifted by one, but no target may
     cross into a new example (its first label has no logit of its own)."""
-    labels = np.concatenate([np.where(np.arange(len(l)) == 0, IGNORE_INDEX, l)
-                             for l in (data.example(i)[1] for i in example_ids)])
+    labels = np.concatenate([np.where(np.arange(len(lab)) == 0, IGNORE_INDEX, lab)
+                             for lab in (data.example(i)[1] for i in example_ids)])
     positions = np.flatnonzero(labels[1:] != IGNORE_INDEX)
     return positions.tolist(), labels[positions + 1].tolist()
 

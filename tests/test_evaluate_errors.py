@@ -6,10 +6,10 @@ import shutil
 import subprocess
 
 import pytest
+from tiny import CLI, REPO
 
 from sidrec.data import minionerec, synthetic
 from sidrec.data.minionerec import DataError
-from tiny import CLI, REPO
 
 FIXTURE_MODEL = REPO / "tests" / "fixtures" / "model" / "tied"
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from tiny import TINY_DATA_AND_MODEL
 
 from sidrec import build
-from tiny import TINY_DATA_AND_MODEL
 from sidrec.export import restore_params
 
 REPO = Path(__file__).parents[1]

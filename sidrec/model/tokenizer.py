@@ -6,13 +6,13 @@ fast tokenizer needs; `tokenizer_config.json` (when present) names the EOS token
 
 from __future__ import annotations
 
-from sidrec.errors import UserError
-
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
+
+from sidrec.errors import UserError
 
 
 class TokenizerError(UserError):

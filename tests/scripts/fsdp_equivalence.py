@@ -13,14 +13,12 @@ SLOW = os.environ.get("SIDREC_SLOW") == "1"  # also run the Muon variants (slow 
 import json  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 from sidrec import optim, parallel  # noqa: E402
 from sidrec.config import MeshConfig, OptimConfig  # noqa: E402
 from sidrec.model import qwen2  # noqa: E402
-import optax  # noqa: E402
-
 from sidrec.train import compile_state_functions, make_global_ce_sum  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
