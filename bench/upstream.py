@@ -1,7 +1,7 @@
 """The upstream MiniOneRec PyTorch pieces the side-by-side benchmarks run (needs torch + transformers).
 
 - `UpstreamConstraint`: upstream's ConstrainedLogitsProcessor (the -1e6 mask version), as
-  tests/fixtures/make_beam_fixtures.py re-states it inside its `main()` (not importable from there):
+  upstream states it (the fixture script tests/fixtures/make_beam_fixtures.py imports it from here):
   log-softmax, then a per-beam mask built in a Python loop; step 0 is keyed by the prompt's last 3
   tokens ('### Response:\\n'), later steps by the generated suffix.
 - `allowed_tokens_table`: upstream's prefix -> allowed-next-tokens dict over the info/ SIDs.
