@@ -218,12 +218,12 @@ class Trainer:
         return self.mesh.shape[parallel.FSDP]
 
     def validation_loss(self, params) -> float:
-        total, n_targets = 0.0, 0.0
+        sums, n_targets = [], 0.0
         for batch in batching.valid_batches(self.valid_data, batch_size=self.cfg.train.global_batch_size,
                                             layout=self.layout):
-            total += float(self.state.eval_loss(params, parallel.global_batch(self.mesh, batch)))
+            sums.append(self.state.eval_loss(params, parallel.global_batch(self.mesh, batch)))
             n_targets += float(batch["n_targets"])
-        return total / max(n_targets, 1.0)
+        return float(sum(jax.device_get(sums))) / max(n_targets, 1.0)  # one host sync, not one per batch
 
 
 def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
