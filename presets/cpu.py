@@ -15,7 +15,9 @@ INDUSTRIAL_CPU = Config(
     data=DataConfig(root="../shared/data", category="Industrial_and_Scientific", seq_len=512,
                     valid_max_samples=1024, eval_wording="training"),
     optim=OptimConfig(name="adamw", lr=3e-3, warmup_steps=20),
-    train=TrainConfig(epochs=1, global_batch_size=256, per_device_batch_size=64),
+    # 64 examples/step (one micro-batch): ~4x the optimizer steps of 256 at the same tokens/s; measured on
+    # office-cpu, HR@10 0.035 -> 0.051 and validation loss 2.88 -> 2.42 (README "Results").
+    train=TrainConfig(epochs=1, global_batch_size=64, per_device_batch_size=64),
     eval=EvalConfig(split="test", num_beams=50, batch_size=16),
     checkpoint=CheckpointConfig(keep=1),
 )

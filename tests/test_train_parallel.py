@@ -43,6 +43,8 @@ def test_adamw_steps_match_one_device(measured):
     for layout in ("fsdp8",):
         assert measured[f"adamw_{layout}_steps_loss_diff"] <= 1e-5
         assert measured[f"adamw_{layout}_steps_param_diff"] <= 1e-5
+        # Hardware-independent form (see fsdp_equivalence.py): a sharding bug moves params by O(lr).
+        assert measured[f"adamw_{layout}_steps_param_diff"] <= 1e-3 * measured["adamw_param_change"]
 
 
 def test_step_compiles_once_per_batch_shape(measured):
