@@ -24,7 +24,7 @@ from bench import common, profile
 from sidrec.data import minionerec
 from sidrec.decode import beam, trie as trie_lib
 from sidrec.model import hf
-from sidrec.model.tokenizer import TokenizerInfo, add_sid_tokens, load_tokenizer
+from sidrec.tokenizer import TokenizerInfo, add_sid_tokens, load_tokenizer
 
 NUM_BEAMS = 50
 BATCH_SIZE = 8

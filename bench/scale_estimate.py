@@ -19,7 +19,7 @@ from presets.qwen import INDUSTRIAL_V6E8_MUON, TPU_V6E_PEAK
 from sidrec import train
 from sidrec.data import batching, minionerec
 from sidrec.model import qwen2
-from sidrec.model.tokenizer import add_sid_tokens, load_tokenizer
+from sidrec.tokenizer import add_sid_tokens, load_tokenizer
 
 DEVICES = 8
 SEED_STEP_S = 4.05

@@ -18,7 +18,7 @@ from sidrec.config import Config
 from sidrec.data import minionerec, synthetic
 from sidrec.errors import UserError
 from sidrec.model import hf, qwen2
-from sidrec.model.tokenizer import TokenizerInfo, add_sid_tokens, load_tokenizer, save_tokenizer
+from sidrec.tokenizer import TokenizerInfo, add_sid_tokens, load_tokenizer, save_tokenizer
 
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_DIR = "tokenizer"

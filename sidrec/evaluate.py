@@ -26,7 +26,7 @@ from sidrec.errors import UserError
 from sidrec.export import restore_params
 from sidrec.logging import RunLogger, format_metrics_table
 from sidrec.model import hf, qwen2
-from sidrec.model.tokenizer import TokenizerInfo, load_tokenizer
+from sidrec.tokenizer import TokenizerInfo, load_tokenizer
 
 PREDICTIONS_FILE = "eval_predictions.json"
 METRICS_FILE = "eval_predictions.metrics.json"

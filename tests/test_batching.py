@@ -240,7 +240,7 @@ SHARED = Path(__file__).parents[2] / "shared"
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "data").is_dir(), reason=f"{SHARED} (MiniOneRec data) is absent")
 def test_industrial_mixture_utilisation(tmp_path):
-    from sidrec.model.tokenizer import add_sid_tokens, load_tokenizer
+    from sidrec.tokenizer import add_sid_tokens, load_tokenizer
 
     cfg = DataConfig(root=str(SHARED / "data"))
     catalogue = minionerec.load_catalogue(cfg.root, cfg.category)

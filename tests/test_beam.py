@@ -20,7 +20,7 @@ from sidrec.decode.beam import (
 )
 from sidrec.decode.trie import build_trie, trie_from_token_ids
 from sidrec.model import hf, qwen2
-from sidrec.model.tokenizer import add_sid_tokens, load_tokenizer
+from sidrec.tokenizer import add_sid_tokens, load_tokenizer
 
 NEWLINE, EOS = 3, 4
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sidrec.data import minionerec
-from sidrec.model.tokenizer import add_sid_tokens, load_tokenizer
+from sidrec.tokenizer import add_sid_tokens, load_tokenizer
 
 SHARED = Path(__file__).parents[2] / "shared"
 GOLDEN = SHARED / "reference" / "golden_sft_examples.json"

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
 from sidrec.model import hf, qwen2
-from sidrec.model.tokenizer import add_sid_tokens, describe, load_tokenizer
+from sidrec.tokenizer import add_sid_tokens, describe, load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "model"
 SHARED = Path(__file__).parents[2] / "shared"

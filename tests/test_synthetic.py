@@ -6,7 +6,7 @@ import pytest
 
 from sidrec.config import ALL_TASKS
 from sidrec.data import minionerec, synthetic
-from sidrec.model.tokenizer import load_tokenizer
+from sidrec.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from sidrec.decode.trie import (
     candidates,
     trie_from_token_ids,
 )
-from sidrec.model.tokenizer import add_sid_tokens, load_tokenizer
+from sidrec.tokenizer import add_sid_tokens, load_tokenizer
 
 SHARED = Path(__file__).parents[2] / "shared"
 TOKENIZER_DIR = SHARED / "tokenizers" / "qwen2.5"

@@ -41,7 +41,7 @@ import numpy as np
 from sidrec.config import ALL_TASKS, DataConfig
 from sidrec.data import minionerec
 from sidrec.data.minionerec import IGNORE_INDEX, PromptOptions, TokenizedExamples
-from sidrec.model.tokenizer import TokenizerInfo
+from sidrec.tokenizer import TokenizerInfo
 
 CACHE_FORMAT = 1  # bump when the token rows' meaning changes
 MIN_TARGET_BUCKET = 16
@@ -376,7 +376,7 @@ def report(root: str = "../shared/data", category: str = "Industrial_and_Scienti
            devices: tuple[int, ...] = (1, 8), rows_per_device: tuple[int, ...] = (1, 2, 4),
            epochs: int = 3, cache_dir: str | None = None) -> None:
     """Print token utilisation and the step-shape (compile) bound of a training mixture."""
-    from sidrec.model.tokenizer import add_sid_tokens, load_tokenizer
+    from sidrec.tokenizer import add_sid_tokens, load_tokenizer
 
     started = time.perf_counter()
     info = add_sid_tokens(load_tokenizer(tokenizer), minionerec.load_catalogue(root, category).sid_tokens)

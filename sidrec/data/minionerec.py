@@ -28,7 +28,7 @@ import numpy as np
 
 from sidrec.config import ALL_TASKS, DataConfig
 from sidrec.errors import UserError
-from sidrec.model.tokenizer import TokenizerInfo
+from sidrec.tokenizer import TokenizerInfo
 
 SPLITS = ("train", "valid", "test")
 CSV_COLUMNS = ("user_id", "history_item_title", "item_title", "history_item_id", "item_id",

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from sidrec import metrics
 from sidrec.data.minionerec import Catalogue, DataError, load_split
-from sidrec.model.tokenizer import (
+from sidrec.tokenizer import (
     TokenizerInfo,
     add_sid_tokens,
     describe,

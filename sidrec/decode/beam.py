@@ -32,7 +32,7 @@ import numpy as np
 
 from sidrec.decode.trie import INVALID_NODE, ROOT_NODE, SidTrie, candidates
 from sidrec.model import qwen2
-from sidrec.model.tokenizer import TokenizerInfo
+from sidrec.tokenizer import TokenizerInfo
 
 NOT_A_BEAM = -1e9      # HF's score of an empty slot (beams 1.. at step 0, unfilled finished slots)
 DISALLOWED = -1e6      # upstream's additive mask on tokens the trie does not allow

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sidrec.errors import UserError
-from sidrec.model.tokenizer import TokenizerInfo
+from sidrec.tokenizer import TokenizerInfo
 
 ROOT_NODE = 0
 INVALID_NODE = -1

@@ -32,7 +32,7 @@ from sidrec.model.qwen2 import (
     param_specs,
     round_up,
 )
-from sidrec.model.tokenizer import TokenizerInfo, save_tokenizer
+from sidrec.tokenizer import TokenizerInfo, save_tokenizer
 
 
 class CheckpointError(UserError):
