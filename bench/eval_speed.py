@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import common, profile
+from sidrec import evaluate
 from sidrec.data import minionerec
 from sidrec.decode import beam, trie as trie_lib
 from sidrec.model import hf
@@ -57,7 +58,7 @@ def load_ours() -> Ours:
     return Ours(params, model_cfg, tokenizer, trie, minionerec.eval_examples(catalogue, "test", tokenizer))
 
 
-def search(ours: Ours, batches: list[beam.PromptBatch]) -> np.ndarray:
+def search(ours: Ours, batches: list[evaluate.PromptBatch]) -> np.ndarray:
     """Generated suffixes [calls, batch, W, G] of every batch (blocks until done)."""
     return np.stack([np.asarray(beam.beam_search(ours.params, ours.model_cfg, ours.trie, b.tokens, b.mask,
                                                  num_beams=NUM_BEAMS)[0]) for b in batches])
@@ -113,7 +114,7 @@ def upstream_generate(prompts: list[np.ndarray]):
 
 def side_by_side(ours: Ours, num_prompts: int, repeats: int) -> dict:
     prompts = [e.prompt_ids for e in ours.examples[:num_prompts]]
-    batches = beam.batch_prompts(prompts, BATCH_SIZE, ours.tokenizer.pad_id)
+    batches = evaluate.batch_prompts(prompts, BATCH_SIZE, ours.tokenizer.pad_id)
     compile_s = common.seconds(lambda: search(ours, batches[:1]))
     hf_run = upstream_generate(prompts)
     results = {"ours": None, "hf": None}
@@ -125,7 +126,7 @@ def side_by_side(ours: Ours, num_prompts: int, repeats: int) -> dict:
         results["hf"] = hf_run()
 
     times = common.alternate({"ours": ours_run, "hf": hf_timed}, repeats)
-    ours_predicts = beam.decode_predictions(results["ours"].reshape(-1, *results["ours"].shape[2:]),
+    ours_predicts = evaluate.decode_predictions(results["ours"].reshape(-1, *results["ours"].shape[2:]),
                                             ours.tokenizer)
     indices = np.concatenate([b.indices for b in batches])
     ours_by_prompt = {int(i): p for i, p in zip(indices, ours_predicts) if i >= 0}
@@ -154,7 +155,7 @@ def full_test_set(batch_size: int, max_prompts: int) -> dict:
     ours = load_ours()
     if max_prompts > 0:
         ours = dataclasses.replace(ours, examples=ours.examples[:max_prompts])
-    batches = beam.batch_prompts([e.prompt_ids for e in ours.examples], batch_size, ours.tokenizer.pad_id)
+    batches = evaluate.batch_prompts([e.prompt_ids for e in ours.examples], batch_size, ours.tokenizer.pad_id)
     started = time.perf_counter()
     compiled, steady_s, steady_prompts, call_s = set(), 0.0, 0, []
     for batch in batches:

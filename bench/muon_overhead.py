@@ -21,8 +21,8 @@ OPTIMIZERS = {"adamw": ("adamw", "optax"), "muon (optax)": ("muon", "optax"), "m
 def update_only(step: OurStep):
     """A blocking callable running just the optimizer update + apply on the step's parameters."""
     trainer = step.trainer
-    tx, _ = optim.build_optimizer(trainer.cfg.optim, qwen2.abstract_params(trainer.model_cfg), trainer.total_steps)
-    params = step.state["params"]
+    tx, _ = optim.build_optimizer(trainer.cfg.optim, qwen2.flat_specs(trainer.model_cfg), trainer.total_steps)
+    params = step.state.params
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(0), p.shape, p.dtype) * 1e-3, params)
     opt_state = tx.init(params)
 

@@ -15,11 +15,14 @@ import dataclasses
 import numpy as np
 
 from bench import common
-from presets.qwen import INDUSTRIAL_V6E8_MUON, TPU_V6E_PEAK
-from sidrec import train
+from presets.qwen import INDUSTRIAL_V6E8_MUON
+from sidrec import build
 from sidrec.data import batching, minionerec
+from sidrec.logging import PEAK_FLOPS_BF16
 from sidrec.model import qwen2
 from sidrec.tokenizer import add_sid_tokens, load_tokenizer
+
+TPU_V6E_PEAK = PEAK_FLOPS_BF16["TPU v6e"]
 
 DEVICES = 8
 SEED_STEP_S = 4.05
@@ -53,7 +56,11 @@ def step_statistics(seq_len: int) -> dict:
     data_cfg = dataclasses.replace(cfg.data, root=str(shared / "data"), seq_len=seq_len)
     data = batching.load_training_data(data_cfg, tokenizer, common.WORK_DIR / "train" / "cache", seed=cfg.seed)
     cfg = dataclasses.replace(cfg, data=data_cfg)
-    layout = batching.Layout(seq_len=seq_len, rows_per_device=train.rows_per_device(cfg, data, DEVICES),
+    layout = batching.Layout(seq_len=seq_len, rows_per_device=batching.rows_per_device(
+                                 data, seq_len=seq_len, global_batch_size=cfg.train.global_batch_size,
+                                 micro_batches=batching.grad_accum(cfg.train.global_batch_size,
+                                                                   cfg.train.per_device_batch_size, DEVICES),
+                                 n_devices=DEVICES, seed=cfg.seed),
                              local_device_count=DEVICES)
     loader = batching.Loader(data, global_batch_size=cfg.train.global_batch_size, layout=layout, seed=cfg.seed)
     plans = loader.epoch_plans(0)
@@ -74,7 +81,7 @@ def step_statistics(seq_len: int) -> dict:
 
 def estimate(seq_len: int = 1024) -> dict:
     stats = step_statistics(seq_len)
-    cfg = qwen2.Qwen2Config(vocab_size=qwen2.round_up(stats["vocab_size"], train.vocab_multiple(DEVICES)),
+    cfg = qwen2.Qwen2Config(vocab_size=qwen2.round_up(stats["vocab_size"], build.vocab_multiple(DEVICES)),
                             real_vocab_size=stats["vocab_size"], **QWEN25_15B)
     peak = DEVICES * TPU_V6E_PEAK
     model_flops = qwen2.flops_per_token(cfg, seq_len) * stats["tokens"]

@@ -62,11 +62,11 @@ class OurStep:
         return cls(trainer, parallel.global_batch(trainer.mesh, local), trainer.fresh_state(), stats)
 
     def __call__(self) -> None:
-        self.state, metrics = self.trainer.state.step(self.state, self.batch)
+        self.state, metrics = self.trainer.compiled.train_step(self.state, self.batch)
         jax.block_until_ready(metrics)
 
     def hlo_text(self) -> str:
-        return self.trainer.state.step.lower(self.state, self.batch).compile().as_text()
+        return self.trainer.compiled.train_step.lower(self.state, self.batch).compile().as_text()
 
 
 def executed_flops(model_cfg: qwen2.Qwen2Config, stats: dict) -> float:

@@ -16,9 +16,6 @@ from sidrec.config import (
     replace,
 )
 
-TPU_V6E_PEAK = 918e12  # bf16 FLOP/s per v6e chip
-TPU_V4_PEAK = 275e12
-
 INDUSTRIAL_V6E8_MUON = Config(
     description="Qwen2.5-1.5B, Industrial, optax Muon lr 3e-3 (aux AdamW 3e-4), TPU v6e-8",
     run_dir="runs/industrial-v6e8-muon",
@@ -30,7 +27,6 @@ INDUSTRIAL_V6E8_MUON = Config(
     eval=EvalConfig(num_beams=50, batch_size=8, dtype="bfloat16"),
     mesh=MeshConfig(data=1, fsdp=-1),
     wandb=WandbConfig(mode="online"),
-    peak_flops_per_device=TPU_V6E_PEAK,
     expected_devices=8,
 )
 
@@ -65,5 +61,5 @@ PRESETS = {
     "industrial-v4-8-muon": _variant(
         INDUSTRIAL_V6E8_MUON, "industrial-v4-8-muon",
         "Qwen2.5-1.5B, Industrial, optax Muon, TPU v4-8 (4 chips, grad accumulation 16)",
-        expected_devices=4, peak_flops_per_device=TPU_V4_PEAK),
+        expected_devices=4),
 }

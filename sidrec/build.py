@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -98,14 +99,17 @@ def load_run_description(run_dir: str | Path, compute_dtype: str | None = None
 
 def model_config(cfg: Config, tokenizer: TokenizerInfo, vocab_multiple: int) -> qwen2.Qwen2Config:
     """Architecture of the model to train: the HF checkpoint's, or the from-scratch fields."""
-    vocab = tokenizer.tokenizer.get_vocab_size()
-    if cfg.model.hf_path is None:
-        return qwen2.Qwen2Config.from_model_config(cfg.model, vocab, pad_to_multiple=vocab_multiple)
-    directory = resolve_hf_path(cfg.model.hf_path)
-    base = hf.config_from_hf(hf.load_hf_config(directory), cfg.model.dtype, cfg.model.remat,
-                             where=str(directory / "config.json"))
-    padded = qwen2.round_up(vocab, vocab_multiple)
-    return dataclasses.replace(base, vocab_size=padded, real_vocab_size=vocab)
+    architecture = cfg.model
+    if cfg.model.hf_path is not None:
+        directory = resolve_hf_path(cfg.model.hf_path)
+        architecture = hf.config_from_hf(hf.load_hf_config(directory), where=str(directory / "config.json"))
+    return qwen2.Qwen2Config.build(architecture, tokenizer.tokenizer.get_vocab_size(), pad_to_multiple=vocab_multiple,
+                                   compute_dtype=cfg.model.dtype, remat=cfg.model.remat)
+
+
+def vocab_multiple(fsdp_size: int) -> int:
+    """Vocabulary rows are padded for fast matmuls and an even fsdp split (padded logits are masked)."""
+    return math.lcm(128, fsdp_size)
 
 
 def initial_params(cfg: Config, model_cfg: qwen2.Qwen2Config, vocab_multiple: int, shardings):

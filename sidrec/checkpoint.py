@@ -218,17 +218,9 @@ def _check_json(meta: dict, step: int) -> None:
                               "convert arrays to lists and dataclasses to dicts") from None
 
 
-def _path_name(path) -> str:
-    def key_name(key) -> str:
-        for attr in ("key", "idx", "name"):
-            if hasattr(key, attr):
-                return str(getattr(key, attr))
-        return str(key)
-    return "/".join(key_name(key) for key in path)
-
-
 def _leaves_by_name(tree: PyTree) -> dict[str, Any]:
-    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
 
 
 def _check_shardings(abstract_state: PyTree) -> None:
@@ -329,3 +321,14 @@ class PreemptionGuard:
 def _installable(handler):
     # signal.signal returns None for handlers installed from C; the default is the closest.
     return signal.SIG_DFL if handler is None else handler
+
+
+def restore_params(run_dir: str | epath.PathLike, abstract_params: PyTree, which: Literal["best", "last"],
+                   sharding) -> tuple[PyTree, int]:
+    """The parameters of a run's best/last checkpoint, placed with one sharding (no optimizer state);
+    `abstract_params` is the tree of jax.ShapeDtypeStruct (`qwen2.abstract_params(model_cfg)`)."""
+    with Checkpointer(epath.Path(run_dir) / "checkpoints") as checkpoints:
+        step = checkpoints.step_for(which)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_params)
+        state, _ = checkpoints.restore(step, {"params": abstract}, partial=True)
+    return state["params"], step

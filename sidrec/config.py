@@ -1,7 +1,9 @@
 """Typed, frozen configuration for every command.
 
 Every field is overridable from the CLI as `--group.field value` (tyro turns `hf_path` into
-`--model.hf-path`). Presets (presets/) are values of `Config`. Cross-field rules live in
+`--model.hf-path`); every field's docstring is its `--help` text. Presets (presets/) are values of
+`Config`. One sentinel convention: 0 means "off" or "no limit" (max_steps, max_samples, periods,
+patience, clip_norm); -1 only in the mesh, where it means "the rest of the devices". Cross-field rules live in
 `Config.validate()`, which the CLI calls before anything heavy starts; it raises `ConfigError`
 naming the fields involved.
 """
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sidrec.errors import UserError
+from sidrec.model.qwen2 import Architecture
 
 DType = Literal["float32", "bfloat16"]
 
@@ -24,8 +27,9 @@ class ConfigError(UserError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-    """Which model to fine-tune: a local Hugging Face directory, or a small one from scratch."""
+class ModelConfig(Architecture):
+    """Which model to fine-tune: a local Hugging Face directory, or one from scratch whose shape is the
+    Architecture fields (hidden_size ... init_std; ignored when hf_path is set: config.json decides)."""
 
     hf_path: str | None = None
     """Local HF directory (config.json, *.safetensors, tokenizer.json). None: build from scratch."""
@@ -39,19 +43,6 @@ class ModelConfig:
     """Rematerialise each layer in the backward pass (saves activation memory)."""
     sid_init_noise: float = 0.0
     """Std of Gaussian noise added to new SID embedding rows (0: exactly the mean of existing rows)."""
-    hidden_size: int = 128
-    """From-scratch architecture (this and the fields below are ignored when hf_path is set)."""
-    intermediate_size: int = 384
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 32
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
-    max_position_embeddings: int = 4096
-    init_std: float = 0.02
-    """Std of the normal initialiser of from-scratch matrices and embeddings."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,10 +52,13 @@ class DataConfig:
     root: str = "../shared/data"
     """Directory holding Amazon/ (or Amazon/ itself)."""
     category: str = "Industrial_and_Scientific"
+    """File prefix of the category under Amazon/ (e.g. Office_Products)."""
     synthetic: bool = False
     """Generate a synthetic catalogue into <run-dir>/data and use it (the demo)."""
     synthetic_items: int = 400
+    """Items of the synthetic catalogue."""
     synthetic_users: int = 1500
+    """Users (one interaction sequence each) of the synthetic catalogue."""
     tasks: tuple[str, ...] = ALL_TASKS
     """Training mixture (upstream: all five). Validation is always sid_sft on the valid split."""
     cutoff_len: int = 512
@@ -80,13 +74,16 @@ class DataConfig:
     eval_wording: Literal["upstream", "training"] = "upstream"
     """Eval prompt wording: upstream's EvalSidDataset text (differs from training's sid_sft prompt), or
     the sid_sft training prompt itself (for small models from scratch, which don't bridge the two)."""
-    valid_max_samples: int = -1
-    """Cap the validation set (-1: all rows)."""
+    valid_max_samples: int = 0
+    """Validate on the first N valid rows (0: all rows)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
+    """The update rule and its learning-rate schedule."""
+
     name: Literal["adamw", "muon"] = "adamw"
+    """AdamW (upstream's) or Muon on the layer matrices + AdamW on the rest."""
     impl: Literal["optax", "local"] = "optax"
     """Muon implementation: optax.contrib.muon or our own chain (sidrec/optim.py)."""
     lr: float = 3e-4
@@ -94,12 +91,17 @@ class OptimConfig:
     aux_lr: float = 3e-4
     """Muon only: AdamW learning rate of embeddings, head, norms and biases."""
     b1: float = 0.9
+    """AdamW first-moment decay."""
     b2: float = 0.999
+    """AdamW second-moment decay."""
     eps: float = 1e-8
+    """AdamW epsilon (added to sqrt(v_hat), as torch)."""
     weight_decay: float = 0.0
+    """Decoupled weight decay (not on norms and biases)."""
     momentum: float = 0.95
     """Muon momentum (Nesterov)."""
     ns_steps: int = 5
+    """Newton-Schulz iterations per Muon update."""
     muon_scale: Literal["none", "shape", "rms"] = "shape"
     """Muon update scale: none (local only), sqrt(max(1, fan_out/fan_in)), or 0.2*sqrt(max(fan_in, fan_out))."""
     ns_dtype: DType = "float32"
@@ -107,14 +109,21 @@ class OptimConfig:
     clip_norm: float = 1.0
     """Global-norm gradient clipping (0: off)."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup, as Hugging Face's schedulers (linear is upstream's SFT, cosine its RL)."""
     warmup_steps: int = 20
+    """Linear warmup from 0 over this many optimizer steps."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the run's steps, rounded up (used instead of warmup_steps when > 0)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
+    """Steps, batch sizes and the periodic actions of the training loop."""
+
     epochs: float = 3.0
-    max_steps: int = -1
-    """Stop after this many optimizer steps (-1: epochs decide)."""
+    """Passes over the training mixture (fractions allowed)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: epochs decide)."""
     global_batch_size: int = 1024
     """Examples per optimizer step, over all devices and accumulation steps."""
     per_device_batch_size: int = 16
@@ -124,24 +133,79 @@ class TrainConfig:
     early_stopping_patience: int = 3
     """Stop after this many validations without improvement (0: never)."""
     log_every_steps: int = 1
+    """Log train metrics every N steps."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
+    """Constrained beam-search evaluation."""
+
     split: Literal["valid", "test"] = "test"
-    max_samples: int = -1
+    """Which split's prompts to rank."""
+    max_samples: int = 0
+    """Evaluate the first N prompts of the split (0: all)."""
     num_beams: int = 50
+    """Beam width = predictions per prompt (upstream: 50)."""
     batch_size: int = 8
     """Prompts per device per beam-search call."""
     constrained: bool = True
     """Trie-constrained beams (False: upstream's 'pure' beam search over the full vocabulary)."""
     dtype: DType = "float32"
+    """Compute dtype of the search (scores are fp32 log-softmax either way)."""
     which: Literal["best", "last"] = "best"
     """Which checkpoint of the run directory to evaluate (when no --model.hf-path is given)."""
 
 
 @dataclass(frozen=True, kw_only=True)
+class RLConfig:
+    """GRPO after SFT (`cli.py rl`): upstream MiniOneRec's rl.py with trie-constrained beam rollouts."""
+
+    sft_run_dir: str | None = None
+    """SFT run directory to start from (its `sft_which` checkpoint); or set --model.hf-path instead."""
+    sft_which: Literal["best", "last"] = "best"
+    """Which checkpoint of the SFT run starts RL."""
+    group_size: int = 16
+    """Completions per prompt: the G best beams of a constrained beam search (upstream: 16)."""
+    prompts_per_step: int = 64
+    """Distinct prompts per optimizer step over all devices (upstream: 8 GPUs x 4 x accumulation 2)."""
+    micro_batches: int = 2
+    """Accumulation: prompts_per_step / micro_batches prompts per forward, split over the devices."""
+    epochs: float = 2.0
+    """Passes over the RL training prompts (upstream: 2)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: epochs decide)."""
+    beta: float = 1e-3
+    """Weight of the k3 KL to the reference model (upstream rl.sh: 1e-3)."""
+    reward_type: Literal["rule", "ranking", "ranking_only", "prefix"] = "ranking"
+    """rule (1 for the target), ranking (rule + upstream's NDCG penalty; rl.sh), ranking_only, prefix
+    (1/depth per leading SID level matched)."""
+    loss_type: Literal["grpo", "dapo", "gspo"] = "grpo"
+    """Token mean per completion then mean (upstream's default), one token mean (upstream --dapo), or the
+    sequence-level ratio (upstream --gspo)."""
+    dynamic_sampling: bool = False
+    """Drop groups whose advantages are all zero from the update (their KL term included)."""
+    ref_sync_steps: int = 512
+    """Mix the policy into the reference every N steps (TRL sync_ref_model, rl.sh on; 0: never)."""
+    ref_sync_alpha: float = 0.6
+    """ref <- alpha * policy + (1 - alpha) * ref at each sync (TRL's ref_model_mixup_alpha default)."""
+    tasks: tuple[str, ...] = ("sid", "title2sid", "seq_title2sid")
+    """RL training datasets (upstream: all three; title2sid includes the description prompts)."""
+    title_answer_leak: bool = True
+    """Reproduce upstream's RLTitle2SidDataset prompts, which end with the answer SID."""
+    seq_title_sample: int = 10000
+    """Rows of RLSeqTitle2SidDataset (upstream: 10000, or all rows when fewer)."""
+    max_prompt_len: int = 512
+    """Prompts keep their last N tokens (TRL's max_prompt_length)."""
+    valid_every_steps: int = 0
+    """Validation (valid-split rollouts: HR@G, NDCG@G) every N steps (0: at the end only)."""
+    valid_max_samples: int = 256
+    """Validate on the first N valid prompts (0: all)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class MeshConfig:
+    """Device mesh (data x fsdp) and multi-process settings."""
+
     data: int = 1
     """Data-parallel axis size (-1: the rest of the devices)."""
     fsdp: int = -1
@@ -149,11 +213,15 @@ class MeshConfig:
     coordinator_address: str | None = None
     """host:port of process 0 for multi-process runs outside TPU pods (None: auto-detect/env)."""
     num_processes: int | None = None
+    """Processes of a multi-process run (None: auto-detect/env JAX_NUM_PROCESSES)."""
     process_id: int | None = None
+    """This process's index (None: auto-detect/env JAX_PROCESS_ID)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
+    """Orbax checkpoints of the run directory."""
+
     every_steps: int = 0
     """Save every N optimizer steps (0: only at validations and the end)."""
     keep: int = 2
@@ -166,25 +234,44 @@ class CheckpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class WandbConfig:
+    """Weights & Biases logging (offline by default: runs sync later with `wandb sync`)."""
+
     mode: Literal["online", "offline", "disabled"] = "offline"
+    """online, offline (local files only) or disabled."""
     project: str = "sidrec"
+    """W&B project."""
     name: str | None = None
+    """W&B run name (None: the run directory's name)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
+    """Everything a command needs; presets are values of it."""
+
     description: str = ""
     """One line shown by `cli.py presets`."""
     run_dir: str = "runs/default"
+    """Where checkpoints, logs, the tokenizer and eval outputs are written (local or gs://)."""
     seed: int = 42
+    """Seed of initialisation, data order and upstream's random instruction choice."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model and its tokenizer."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The data files and the SFT prompts."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """The RL stage (`cli.py rl`)."""
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    """Devices and processes."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases."""
     peak_flops_per_device: float = 0.0
     """Peak FLOP/s of one device for the MFU estimate (0: look up by device kind)."""
     expected_devices: int = 0
@@ -222,12 +309,24 @@ def _validation_errors(cfg: Config):
                f"per-device batch x devices ({t.per_device_batch_size} x {cfg.expected_devices})")
     if t.epochs <= 0 and t.max_steps <= 0:
         yield "set --train.epochs > 0 or --train.max-steps > 0"
+    negative = [flag for flag, value in (("--train.max-steps", t.max_steps), ("--eval.max-samples", e.max_samples),
+                                         ("--data.valid-max-samples", d.valid_max_samples)) if value < 0]
+    if negative:
+        yield f"{', '.join(negative)}: must be >= 0 (0 means no limit)"
     if o.lr < 0 or o.aux_lr < 0:
         yield "--optim.lr and --optim.aux-lr must be >= 0"
     if o.name == "adamw" and o.impl == "local":
         yield "--optim.impl local applies to --optim.name muon only"
     if e.num_beams < 1 or e.batch_size < 1:
         yield "--eval.num-beams and --eval.batch-size must be >= 1"
+    r = cfg.rl
+    if r.group_size < 2:
+        yield f"--rl.group-size ({r.group_size}) must be >= 2 (GRPO advantages need a group)"
+    if r.micro_batches < 1 or r.prompts_per_step % r.micro_batches:
+        yield (f"--rl.prompts-per-step ({r.prompts_per_step}) must be a multiple of --rl.micro-batches "
+               f"({r.micro_batches})")
+    if r.max_steps < 0 or r.valid_max_samples < 0 or r.ref_sync_steps < 0:
+        yield "--rl.max-steps, --rl.valid-max-samples and --rl.ref-sync-steps must be >= 0 (0: no limit / never)"
     if cfg.mesh.data == 0 or cfg.mesh.fsdp == 0 or (cfg.mesh.data < 0 and cfg.mesh.fsdp < 0):
         yield "--mesh.data and --mesh.fsdp: positive sizes, at most one of them -1"
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -19,18 +21,20 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from sidrec import build, metrics, parallel
+from sidrec.checkpoint import restore_params
 from sidrec.config import Config
-from sidrec.data import minionerec, synthetic
+from sidrec.data import minionerec
 from sidrec.decode import beam, trie as trie_lib
 from sidrec.errors import UserError
-from sidrec.export import restore_params
 from sidrec.logging import RunLogger, format_metrics_table
 from sidrec.model import hf, qwen2
 from sidrec.tokenizer import TokenizerInfo, load_tokenizer
+from sidrec.util import round_up
 
 PREDICTIONS_FILE = "eval_predictions.json"
 METRICS_FILE = "eval_predictions.metrics.json"
 BASELINE_FILE = "most_popular.metrics.json"
+BUCKET_MULTIPLE = 64   # prompt lengths are padded up to a multiple of this (one compilation each)
 
 
 def load_for_eval(cfg: Config, mesh, which: str) -> tuple[dict, qwen2.Qwen2Config, TokenizerInfo, str]:
@@ -42,8 +46,9 @@ def load_for_eval(cfg: Config, mesh, which: str) -> tuple[dict, qwen2.Qwen2Confi
         params, model_cfg = hf.load_model(directory, cfg.eval.dtype)
         return jax.device_put(params, replicated), model_cfg, tokenizer, f"Hugging Face directory {directory}"
     tokenizer, model_cfg = build.load_run_description(cfg.run_dir, cfg.eval.dtype)
-    params, step = restore_params(cfg.run_dir, model_cfg, which, replicated)
+    params, step = restore_params(cfg.run_dir, qwen2.abstract_params(model_cfg), which, replicated)
     return params, model_cfg, tokenizer, f"{which} checkpoint (step {step}) of {cfg.run_dir}"
+
 
 def check_sid_vocabulary(catalogue: minionerec.Catalogue, tokenizer: TokenizerInfo,
                          model_cfg: qwen2.Qwen2Config, where: str) -> None:
@@ -74,11 +79,11 @@ def run_eval(cfg: Config, checkpoint: str | None = None) -> dict:
     params, model_cfg, tokenizer, source = load_for_eval(cfg, mesh, checkpoint or cfg.eval.which)
     check_sid_vocabulary(catalogue, tokenizer, model_cfg, source)
     examples = minionerec.eval_examples(catalogue, cfg.eval.split, tokenizer, cfg.data.eval_wording)
-    if cfg.eval.max_samples > 0:
+    if cfg.eval.max_samples > 0:  # 0: all
         examples = examples[:cfg.eval.max_samples]
     trie = trie_lib.build_trie(catalogue.sid_tokens_of.values(), tokenizer)
     per_call = cfg.eval.batch_size * mesh.devices.size
-    batches = beam.batch_prompts([e.prompt_ids for e in examples], per_call, tokenizer.pad_id)
+    batches = batch_prompts([e.prompt_ids for e in examples], per_call, tokenizer.pad_id)
     buckets = sorted({b.tokens.shape[1] for b in batches})
     mode = "constrained" if cfg.eval.constrained else "unconstrained (pure)"
     say(f"model: {source}, compute {model_cfg.compute_dtype}")
@@ -87,7 +92,7 @@ def run_eval(cfg: Config, checkpoint: str | None = None) -> dict:
         f"(one compilation each)")
 
     sequences, scores = _search_all(params, model_cfg, trie, batches, mesh, cfg, show=is_main)
-    predicts = beam.decode_predictions(sequences, tokenizer)
+    predicts = decode_predictions(sequences, tokenizer)
     records = metrics.prediction_records([e.prompt for e in examples], [e.target for e in examples],
                                          predicts, scores.tolist())
     result = metrics.compute_metrics(records, catalogue.valid_sids)
@@ -96,8 +101,9 @@ def run_eval(cfg: Config, checkpoint: str | None = None) -> dict:
         metrics.write_predictions(run_dir / PREDICTIONS_FILE, records)
         metrics.write_metrics(run_dir / METRICS_FILE, result)
         # Most-popular (the train split's most frequent targets) on the same prompts: a sanity floor.
-        baseline = synthetic.most_popular_baseline(catalogue, cfg.eval.split, cfg.eval.num_beams,
-                                                   max_samples=len(examples))
+        baseline = metrics.most_popular_baseline(
+            (row.item_sid for row in minionerec.load_split(catalogue, "train")),
+            (e.target.strip() for e in examples), catalogue.valid_sids, cfg.eval.num_beams)
         metrics.write_metrics(run_dir / BASELINE_FILE, baseline)
         say(format_metrics_table(result, baseline=baseline, baseline_name="most-popular"))
         say(f"invalid predictions (before the first hit): {result['invalid_prediction_count']}; "
@@ -133,3 +139,62 @@ def _search_all(params, model_cfg, trie, batches, mesh, cfg: Config, *, show: bo
             bar.update(int(keep.sum()))
             bar.set_postfix(prompts_per_s=f"{bar.n / (time.perf_counter() - started):.1f}")
     return sequences, scores
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding the searched suffixes
+
+
+def decode_predictions(sequences, tokenizer: TokenizerInfo) -> list[list[str]]:
+    """Generated suffixes [B, W, G] -> upstream's "predict" strings (best first) for each prompt.
+
+    As upstream's evaluate.py: decode with special tokens (EOS) skipped, keep what follows the last
+    "Response:\\n", strip whitespace. A valid SID comes out as e.g. '<a_1><b_2><c_3>'.
+    """
+    sequences = np.asarray(sequences)
+    texts = tokenizer.tokenizer.decode_batch(sequences.reshape(-1, sequences.shape[-1]).tolist(),
+                                             skip_special_tokens=True)
+    texts = [text.split("Response:\n")[-1].strip() for text in texts]
+    width = sequences.shape[1]
+    return [texts[i:i + width] for i in range(0, len(texts), width)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompt batches by length bucket: a whole split compiles once per bucket.
+
+
+def bucket_length(n: int, multiple: int = BUCKET_MULTIPLE) -> int:
+    """Padded prompt length: n rounded up to a multiple (at most max_len / multiple compilations)."""
+    return max(multiple, round_up(n, multiple))
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    indices: np.ndarray  # int64 [batch]: position of each row in the input list; -1 for filler rows
+    tokens: np.ndarray   # int32 [batch, bucket] left-padded
+    mask: np.ndarray     # int32 [batch, bucket] 1 on real tokens
+
+
+def batch_prompts(prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int,
+                  multiple: int = BUCKET_MULTIPLE) -> list[PromptBatch]:
+    """Group prompts by length bucket into left-padded batches of exactly `batch_size` rows.
+
+    Within a bucket prompts keep their order; a bucket's last batch is completed with copies of its
+    first prompt (index -1, results to be dropped) so that every call has one of few static shapes.
+    """
+    by_bucket: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        by_bucket.setdefault(bucket_length(len(prompt), multiple), []).append(index)
+    batches = []
+    for length, members in sorted(by_bucket.items()):
+        for start in range(0, len(members), batch_size):
+            indices = members[start:start + batch_size]
+            rows = [prompts[i] for i in indices]
+            filler = batch_size - len(rows)
+            tokens = np.full((batch_size, length), pad_id, np.int32)
+            mask = np.zeros((batch_size, length), np.int32)
+            for row, prompt in enumerate(rows + [rows[0]] * filler):
+                tokens[row, length - len(prompt):] = prompt
+                mask[row, length - len(prompt):] = 1
+            batches.append(PromptBatch(np.array(indices + [-1] * filler, np.int64), tokens, mask))
+    return batches

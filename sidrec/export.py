@@ -7,24 +7,14 @@ from pathlib import Path
 import jax
 
 from sidrec import build
-from sidrec.checkpoint import Checkpointer
+from sidrec.checkpoint import restore_params
 from sidrec.model import hf, qwen2
-
-
-def restore_params(run_dir: str | Path, model_cfg: qwen2.Qwen2Config, which: str, sharding) -> tuple[dict, int]:
-    """The parameters of a run's best/last checkpoint, placed with one sharding (no optimizer state)."""
-    with Checkpointer(Path(run_dir) / "checkpoints") as checkpoints:
-        step = checkpoints.step_for(which)
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                                qwen2.abstract_params(model_cfg))
-        state, _ = checkpoints.restore(step, {"params": abstract}, partial=True)
-    return state["params"], step
 
 
 def export_run(run_dir: str, out: str, *, which: str = "best", dtype: str = "float32") -> Path:
     tokenizer, model_cfg = build.load_run_description(run_dir)
     one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    params, step = restore_params(run_dir, model_cfg, which, one_device)
+    params, step = restore_params(run_dir, qwen2.abstract_params(model_cfg), which, one_device)
     print(f"exporting the {which} checkpoint (step {step}) of {run_dir} to {out} ({dtype})")
     path = hf.export(params, model_cfg, tokenizer, out, dtype=dtype)
     print(f"wrote {path}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")

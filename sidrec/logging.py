@@ -17,6 +17,8 @@ from typing import Any, Self
 from etils import epath
 from tqdm.auto import tqdm
 
+from sidrec.metrics import TOP_K
+
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "log.txt"
 SUMMARY_FILE = "run_summary.json"
@@ -40,8 +42,6 @@ PEAK_FLOPS_BF16 = {
     "NVIDIA B200": 2250e12,
     "NVIDIA L4": 121e12,
 }
-
-METRIC_KS = (1, 3, 5, 10, 20, 50)
 
 # What the progress bar shows, in order: (metric name or prefix, label, format).
 _BAR_FIELDS = (
@@ -85,7 +85,7 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
 def format_metrics_table(metrics: Mapping, baseline: Mapping | None = None,
                          baseline_name: str = "baseline") -> str:
     """A markdown table of HR@K and NDCG@K ({hr: {k: ..}, ndcg: {k: ..}}; k as int or JSON str)."""
-    ks = [k for k in METRIC_KS if _at_k(metrics, "hr", k) is not None]
+    ks = [k for k in TOP_K if _at_k(metrics, "hr", k) is not None]
     header = ["K", "HR@K", "NDCG@K"]
     if baseline is not None:
         header += [f"HR@K ({baseline_name})", f"NDCG@K ({baseline_name})"]

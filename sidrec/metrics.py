@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
 
@@ -112,3 +113,11 @@ def _write_json_atomically(path: Path, value) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def most_popular_baseline(train_targets: Iterable[str], eval_targets: Iterable[str], valid_sids: Container[str],
+                          num_beams: int = 50) -> dict:
+    """Metrics of recommending every user the `num_beams` most frequent train targets (SID strings),
+    most frequent first (ties: first seen first): the floor a recommender must clear."""
+    ranked = [sid for sid, _ in Counter(train_targets).most_common(num_beams)]
+    return compute_metrics([{"output": target + "\n", "predict": ranked} for target in eval_targets], valid_sids)

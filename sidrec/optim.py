@@ -3,9 +3,10 @@
 Everything here is a pure function of the config and the parameter tree's *paths and shapes*, so the
 same transformation runs on one CPU device or on FSDP-sharded arrays inside a jitted, donated step.
 
-Which parameter gets which optimizer is decided in one place, `param_labels`: the per-layer weight
-matrices of attention and MLP go to Muon; embeddings, LM head, norms and biases go to AdamW (at
-`aux_lr` when the run uses Muon). Stacked `[L, in, out]` leaves are orthogonalised per layer.
+Which parameter gets which optimizer is decided in one place, `group_of`, from the role each parameter
+declares in `qwen2.param_specs`: the per-layer weight matrices of attention and MLP go to Muon;
+embeddings, LM head, norms and biases go to AdamW (at `aux_lr` when the run uses Muon). Stacked
+`[L, in, out]` leaves are orthogonalised per layer.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -21,12 +22,9 @@ import jax.numpy as jnp
 import optax
 
 from sidrec.config import ConfigError, OptimConfig
+from sidrec.model import qwen2
 
 MUON, ADAMW = "muon", "adamw"
-
-MUON_MATRICES = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
-"""Names of the `layers` leaves that Muon updates: 2-D weights (per layer) of attention and MLP."""
-BIASES = frozenset({"bq", "bk", "bv"})
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 """Keller Jordan's quintic Newton-Schulz coefficients (maximise the slope at zero)."""
@@ -36,6 +34,11 @@ NS_NORM_EPS = 1e-7
 
 # ----------------------------------------------------------------------------------------------
 # Schedules
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """Warmup length: ceil(warmup_ratio x total) when a ratio is set (HF's warmup_ratio), else warmup_steps."""
+    return math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio > 0 else cfg.warmup_steps
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int, peak_lr: float | None = None) -> optax.Schedule:
@@ -49,7 +52,7 @@ def lr_schedule(cfg: OptimConfig, total_steps: int, peak_lr: float | None = None
         raise ConfigError(
             f"the run has {total_steps} optimizer steps; raise --train.epochs or --train.max-steps")
     peak = cfg.lr if peak_lr is None else peak_lr
-    warmup = cfg.warmup_steps
+    warmup = warmup_steps(cfg, total_steps)
     decay_steps = max(1, total_steps - warmup)
 
     def after_warmup(step):
@@ -69,42 +72,21 @@ def lr_schedule(cfg: OptimConfig, total_steps: int, peak_lr: float | None = None
 
 
 # ----------------------------------------------------------------------------------------------
-# Which parameter goes where
+# Which parameter goes where: read from each parameter's declared role (qwen2.param_specs)
+
+NO_DECAY_ROLES = frozenset({qwen2.NORM, qwen2.BIAS})
+"""Not weight-decayed, as Hugging Face Trainer decides (norm weights and biases)."""
 
 
-def _keys(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+def group_of(role: str, name: str) -> str:
+    """The single routing rule: Muon takes the layer matrices (stacked [L, in, out], orthogonalised per
+    layer); AdamW the embedding, the head, norms and biases (at `aux_lr` when the run uses Muon)."""
+    return MUON if name == MUON and role == qwen2.MATRIX else ADAMW
 
 
-def path_name(path) -> str:
-    """'layers/wq' for the pytree path of params['layers']['wq']."""
-    return "/".join(_keys(path))
-
-
-def _is_muon_matrix(path) -> bool:
-    keys = _keys(path)
-    return "layers" in keys[:-1] and keys[-1] in MUON_MATRICES
-
-
-def _is_norm_or_bias(path) -> bool:
-    name = _keys(path)[-1]
-    return name.endswith("norm") or name in BIASES
-
-
-def param_labels(params) -> Any:
-    """The tree of "muon" | "adamw" labels for a parameter tree: the single routing rule.
-
-    Muon: leaves named wq, wk, wv, wo, w_gate, w_up, w_down under `layers` (stacked [L, in, out]).
-    AdamW: everything else (embed, lm_head, the norms, the q/k/v biases and any leaf added later).
-    Decided by path only, so it works on arrays, abstract shapes and optax's masked trees alike.
-    """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: MUON if _is_muon_matrix(path) else ADAMW, params)
-
-
-def weight_decay_mask(params) -> Any:
-    """True where weight decay applies: all but norms and biases, as Hugging Face Trainer decides."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: not _is_norm_or_bias(path), params)
+def _by_path(table: Mapping[str, Any]) -> Callable[[Any], Any]:
+    """params -> the tree of table[path] (works on arrays, abstract shapes and optax's masked trees)."""
+    return lambda params: jax.tree_util.tree_map_with_path(lambda path, _: table[qwen2.path_name(path)], params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +174,7 @@ MATRIX_DIMS = optax.contrib.MuonDimensionNumbers(reduction_axis=-2, output_axis=
 
 
 def _optax_muon(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """optax.contrib.muon on the leaves `param_labels` routed to it (optax.partition masks the rest).
+    """optax.contrib.muon on the leaves `group_of` routed to it (optax.partition masks the rest).
 
     Only the Muon half of optax's muon is used: its built-in Adam shares the `nesterov` flag (so it
     would be NAdam); our AdamW branch handles the other leaves instead, identically for both impls.
@@ -249,7 +231,7 @@ class OptimizerInfo:
         clip = f"clip_norm {c.clip_norm}" if c.clip_norm > 0 else "no clipping"
         peaks = {MUON: c.lr, ADAMW: c.aux_lr if c.name == MUON else c.lr}
         header = (f"optimizer: {c.name}{impl}, {clip}, {c.schedule} schedule, "
-                  f"warmup {c.warmup_steps} of {self.total_steps} steps")
+                  f"warmup {warmup_steps(c, self.total_steps)} of {self.total_steps} steps")
         lines = [header]
         for group, n in self.group_counts().items():
             matrices = f" ({n['matrices']} matrices, per layer)" if group == MUON else ""
@@ -260,36 +242,32 @@ class OptimizerInfo:
         return "\n".join(lines)
 
 
-def build_optimizer(cfg: OptimConfig, params_like, total_steps: int
+def build_optimizer(cfg: OptimConfig, specs: Mapping[str, qwen2.ArrayInfo], total_steps: int
                     ) -> tuple[optax.GradientTransformation, OptimizerInfo]:
     """The full update rule: global-norm clipping over the whole gradient, then AdamW or Muon+AdamW.
 
-    `params_like` may be arrays or jax.ShapeDtypeStruct; only paths and shapes are read.
+    `specs` is the parameter declaration by path (`qwen2.flat_specs(model_cfg)`): roles and shapes.
     AdamW is optax.adamw, which matches torch.optim.AdamW (HF Trainer's): eps is added to
     sqrt(v_hat), decay is decoupled (p -= lr * wd * p); like HF, norms and biases are not decayed.
     """
-    flat = jax.tree_util.tree_flatten_with_path(params_like)[0]
-    labels = {path_name(path): label
-              for (path, _), label in zip(flat, jax.tree.leaves(param_labels(params_like)))}
-    shapes = {path_name(path): tuple(leaf.shape) for path, leaf in flat}
-
+    labels = {name: group_of(info.role, cfg.name) for name, info in specs.items()}
+    shapes = {name: tuple(info.shape) for name, info in specs.items()}
     if cfg.name == ADAMW:
         schedules = {ADAMW: lr_schedule(cfg, total_steps, cfg.lr)}
-        labels = dict.fromkeys(labels, ADAMW)
     else:
         if MUON not in labels.values():
-            raise ConfigError("--optim.name muon: no parameter is a Muon matrix (expected "
-                              f"layers/{{{', '.join(sorted(MUON_MATRICES))}}}); use --optim.name adamw")
+            raise ConfigError("--optim.name muon: no parameter is a Muon matrix (a layer matrix); use --optim.name adamw")
         schedules = {MUON: lr_schedule(cfg, total_steps, cfg.lr),
                      ADAMW: lr_schedule(cfg, total_steps, cfg.aux_lr)}
 
+    decay = _by_path({name: info.role not in NO_DECAY_ROLES for name, info in specs.items()})
     adamw = optax.adamw(schedules[ADAMW], b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay, mask=weight_decay_mask)
+                        weight_decay=cfg.weight_decay, mask=decay)
     if cfg.name == ADAMW:
         core = adamw
     else:
         muon = (_local_muon if cfg.impl == "local" else _optax_muon)(cfg, schedules[MUON])
-        core = optax.partition({MUON: muon, ADAMW: adamw}, param_labels)
+        core = optax.partition({MUON: muon, ADAMW: adamw}, _by_path(labels))
 
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), core) if cfg.clip_norm > 0 else core
     return tx, OptimizerInfo(cfg=cfg, total_steps=total_steps, labels=labels, shapes=shapes,

@@ -113,40 +113,33 @@ def _fsdp_dim(axes: tuple[str, ...], shape: tuple[int, ...], fsdp_size: int) -> 
     return None
 
 
-def param_partition_specs(logical_axes: Any, abstract_params: Any, fsdp_size: int) -> Any:
-    """PartitionSpec per parameter from the one rule table (fsdp_size 1: everything replicated)."""
+def param_partition_specs(param_specs: Any, fsdp_size: int) -> Any:
+    """PartitionSpec per parameter from its declared shape and logical axes and the one rule table
+    (fsdp_size 1: everything replicated). `param_specs` is `qwen2.param_specs(cfg)`."""
 
-    def spec(axes, leaf):
-        dim = _fsdp_dim(tuple(axes), tuple(leaf.shape), fsdp_size) if fsdp_size > 1 else None
-        parts = [None] * len(leaf.shape)
+    def spec(info):
+        dim = _fsdp_dim(tuple(info.logical_axes), tuple(info.shape), fsdp_size) if fsdp_size > 1 else None
+        parts = [None] * len(info.shape)
         if dim is not None:
             parts[dim] = FSDP
         return P(*parts)
 
-    return jax.tree.map(spec, logical_axes, abstract_params, is_leaf=_is_axes)
-
-
-def _is_axes(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
+    return jax.tree.map(spec, param_specs, is_leaf=lambda x: hasattr(x, "logical_axes"))
 
 
 def shardings(mesh, specs) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def make_unshard(param_specs: Any) -> Callable[[str, Any], Any]:
+def make_unshard(partition_specs: Any) -> Callable[[str, Any], Any]:
     """The model's FSDP hook: all-gather (tiled) every leaf of a named part along `fsdp`.
 
-    Names follow the model: "embed", "final_norm", "lm_head" (whole arrays) and "layer" (one layer's
-    slice inside the scan: the stacked spec minus its leading layer entry).
+    A part is a top-level key of the parameter tree; "layers" is called on one layer's slice inside
+    the scan, so its specs drop the leading layer entry.
     """
-    parts = {
-        "embed": param_specs["embed"],
-        "final_norm": param_specs["final_norm"],
-        "lm_head": param_specs.get("lm_head"),
-        "layer": jax.tree.map(lambda s: P(*tuple(s)[1:]), param_specs["layers"],
-                              is_leaf=lambda x: isinstance(x, P)),
-    }
+    parts = dict(partition_specs)
+    parts["layers"] = jax.tree.map(lambda s: P(*tuple(s)[1:]), partition_specs["layers"],
+                                   is_leaf=lambda x: isinstance(x, P))
 
     def gather(x, spec):
         spec = tuple(spec)

@@ -52,25 +52,25 @@ def cross_entropy_sum(params, model_cfg: qwen2.Qwen2Config, micro_batch, *, unsh
     return jnp.sum((log_z - target_logit) * micro_batch["loss_w"])
 
 
-def make_global_ce_sum(model_cfg, mesh, param_specs) -> Callable:
+def make_global_ce_sum(model_cfg, mesh, partition_specs) -> Callable:
     """`f(params, micro_batch) -> summed CE over all devices`, FSDP through shard_map."""
-    unshard = parallel.make_unshard(param_specs)
+    unshard = parallel.make_unshard(partition_specs)
     row_spec = {k: P(parallel.BATCH_AXES) for k in MICRO_BATCH_KEYS}
 
     def local(params, micro_batch):
         return jax.lax.psum(cross_entropy_sum(params, model_cfg, micro_batch, unshard=unshard),
                             parallel.BATCH_AXES)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(param_specs, row_spec), out_specs=P())
+    return jax.shard_map(local, mesh=mesh, in_specs=(partition_specs, row_spec), out_specs=P())
 
 
-def make_train_step(model_cfg, tx: optax.GradientTransformation, mesh, param_specs) -> Callable:
-    """`step(state, batch) -> (state, metrics)`; state = {"params", "opt_state", "step"}."""
-    global_ce_sum = make_global_ce_sum(model_cfg, mesh, param_specs)
+def make_train_step(model_cfg, tx: optax.GradientTransformation, mesh, partition_specs) -> Callable:
+    """`step(state, batch) -> (state, metrics)` over a TrainState."""
+    global_ce_sum = make_global_ce_sum(model_cfg, mesh, partition_specs)
     grad_fn = jax.value_and_grad(global_ce_sum)
 
     def step(state, batch):
-        params = state["params"]
+        params = state.params
         micro_batches = {k: batch[k] for k in MICRO_BATCH_KEYS}
 
         def accumulate(carry, micro_batch):
@@ -85,21 +85,20 @@ def make_train_step(model_cfg, tx: optax.GradientTransformation, mesh, param_spe
         loss = loss_sum / n_targets
         grads = jax.tree.map(lambda g: g / n_targets, grad_sum)
         grad_norm = optax.global_norm(grads)
-        updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+        updates, new_opt_state = tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-        new_state = {"params": keep(new_params, params),
-                     "opt_state": keep(new_opt_state, state["opt_state"]),
-                     "step": state["step"] + finite.astype(jnp.int32)}
+        new_state = TrainState(params=keep(new_params, params), opt_state=keep(new_opt_state, state.opt_state),
+                               step=state.step + finite.astype(jnp.int32))
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     return step
 
 
-def make_eval_loss(model_cfg, mesh, param_specs) -> Callable:
+def make_eval_loss(model_cfg, mesh, partition_specs) -> Callable:
     """`f(params, batch) -> summed CE of a [A, R, ...] batch` (validation; no gradients)."""
-    global_ce_sum = make_global_ce_sum(model_cfg, mesh, param_specs)
+    global_ce_sum = make_global_ce_sum(model_cfg, mesh, partition_specs)
 
     def eval_loss(params, batch):
         micro_batches = {k: batch[k] for k in MICRO_BATCH_KEYS}
@@ -109,36 +108,46 @@ def make_eval_loss(model_cfg, mesh, param_specs) -> Callable:
     return eval_loss
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StateFunctions:
-    """The jitted functions over the train state {"params", "opt_state", "step"}, with one fixed set of
-    shardings in and out, so the step compiles once per batch shape."""
+class TrainState:
+    """What an optimizer step carries and a checkpoint stores (besides the loader's JSON meta)."""
 
-    init: Callable        # params -> state
-    step: Callable        # (state, batch) -> (state, metrics); state donated
-    eval_loss: Callable   # (params, batch) -> summed CE
-    shardings: Any
-    abstract: Any         # ShapeDtypeStructs with shardings (restore target)
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32 scalar: optimizer steps taken
 
 
-def compile_state_functions(model_cfg, tx, mesh, param_specs) -> StateFunctions:
-    param_shardings = parallel.shardings(mesh, param_specs)
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    """A run's jitted functions, with one fixed set of shardings in and out, so the train step
+    compiles once per batch shape."""
 
-    def init_state(params):
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    init_state: Callable[[Any], TrainState]                     # params -> state
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # state donated
+    eval_loss_sum: Callable[[Any, dict], jax.Array]             # (params, batch) -> summed CE
+    state_shardings: TrainState
+    abstract_state: TrainState                                  # ShapeDtypeStructs with shardings (restore target)
+
+
+def compile_steps(model_cfg, tx, mesh, partition_specs) -> CompiledSteps:
+    param_shardings = parallel.shardings(mesh, partition_specs)
+
+    def init_state(params) -> TrainState:
+        return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
 
     abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                    qwen2.abstract_params(model_cfg), param_shardings)
-    shardings = jax.jit(init_state).lower(abstract_params).compile().output_shardings
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            jax.eval_shape(init_state, abstract_params), shardings)
+    state_shardings = jax.jit(init_state).lower(abstract_params).compile().output_shardings
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  jax.eval_shape(init_state, abstract_params), state_shardings)
     replicated = NamedSharding(mesh, P())
-    return StateFunctions(
-        init=jax.jit(init_state, in_shardings=(param_shardings,), out_shardings=shardings),
-        step=jax.jit(make_train_step(model_cfg, tx, mesh, param_specs), donate_argnums=0,
-                     out_shardings=(shardings, replicated)),
-        eval_loss=jax.jit(make_eval_loss(model_cfg, mesh, param_specs), out_shardings=replicated),
-        shardings=shardings, abstract=abstract)
+    return CompiledSteps(
+        init_state=jax.jit(init_state, in_shardings=(param_shardings,), out_shardings=state_shardings),
+        train_step=jax.jit(make_train_step(model_cfg, tx, mesh, partition_specs), donate_argnums=0,
+                           out_shardings=(state_shardings, replicated)),
+        eval_loss_sum=jax.jit(make_eval_loss(model_cfg, mesh, partition_specs), out_shardings=replicated),
+        state_shardings=state_shardings, abstract_state=abstract_state)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -154,42 +163,10 @@ class Progress:
     bad_validations: int = 0
     last_valid_loss: float | None = None
 
-
-def vocab_multiple(fsdp_size: int) -> int:
-    """Vocabulary rows are padded for fast matmuls and an even fsdp split (padded logits are masked)."""
-    return math.lcm(128, fsdp_size)
-
-
-def grad_accum(cfg: Config, n_devices: int) -> int:
-    """Micro-batches per optimizer step: global batch / (per-device batch x devices)."""
-    per_micro_batch = cfg.train.per_device_batch_size * n_devices
-    if cfg.train.global_batch_size % per_micro_batch:
-        raise UserError(f"--train.global-batch-size ({cfg.train.global_batch_size}) must be a multiple of "
-                        f"--train.per-device-batch-size x devices ({cfg.train.per_device_batch_size} x "
-                        f"{n_devices})")
-    return cfg.train.global_batch_size // per_micro_batch
-
-
-def rows_per_device(cfg: Config, data, n_devices: int, sample_steps: int = 16) -> int:
-    """Packed rows per device per micro-batch, sized so a step's examples fill `grad_accum` micro-batches.
-
-    Packing a few global batches of the data (in a seeded order) tells how many rows a step needs; the
-    fullest one sets the size, so steps use `grad_accum` micro-batches (rarely one more).
-    """
-    lengths, targets = data.lengths, batching.target_counts(data)
-    max_targets = batching.targets_per_row(data, cfg.data.seq_len)
-    order = np.random.default_rng(cfg.seed).permutation(len(lengths))
-    batch = cfg.train.global_batch_size
-    steps = [order[i:i + batch] for i in range(0, min(len(order), sample_steps * batch), batch)]
-    rows = max(len(batching.pack_first_fit_decreasing(lengths[ids], cfg.data.seq_len, targets[ids], max_targets))
-               for ids in steps)
-    return max(1, math.ceil(rows / (grad_accum(cfg, n_devices) * n_devices)))
-
-
-def plan_total_steps(cfg: Config, steps_per_epoch: int) -> int:
-    if cfg.train.max_steps > 0:
-        return cfg.train.max_steps
-    return max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    def after_validation(self, loss: float, step: int) -> Progress:
+        improved = loss < self.best_loss
+        return Progress(best_loss=min(loss, self.best_loss), best_step=step if improved else self.best_step,
+                        bad_validations=0 if improved else self.bad_validations + 1, last_valid_loss=loss)
 
 
 @dataclasses.dataclass
@@ -206,12 +183,12 @@ class Trainer:
     loader: Any
     total_steps: int
     param_shardings: Any
-    state: StateFunctions
+    compiled: CompiledSteps
     optimizer_info: Any
 
-    def fresh_state(self):
-        params = build.initial_params(self.cfg, self.model_cfg, vocab_multiple(self.fsdp), self.param_shardings)
-        return self.state.init(params)
+    def fresh_state(self) -> TrainState:
+        params = build.initial_params(self.cfg, self.model_cfg, build.vocab_multiple(self.fsdp), self.param_shardings)
+        return self.compiled.init_state(params)
 
     @property
     def fsdp(self) -> int:
@@ -221,16 +198,18 @@ class Trainer:
         sums, n_targets = [], 0.0
         for batch in batching.valid_batches(self.valid_data, batch_size=self.cfg.train.global_batch_size,
                                             layout=self.layout):
-            sums.append(self.state.eval_loss(params, parallel.global_batch(self.mesh, batch)))
+            sums.append(self.compiled.eval_loss_sum(params, parallel.global_batch(self.mesh, batch)))
             n_targets += float(batch["n_targets"])
         return float(sum(jax.device_get(sums))) / max(n_targets, 1.0)  # one host sync, not one per batch
 
 
 def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
+    """Mesh, data, model config and the compiled steps (joins a multi-process run first)."""
     parallel.maybe_initialize_distributed(cfg.mesh)
     mesh = parallel.make_mesh(cfg.mesh)
     fsdp, n_devices = mesh.shape[parallel.FSDP], mesh.devices.size
-    accum = grad_accum(cfg, n_devices)  # fails early when the batch does not divide over the devices
+    # Fails early when the batch does not divide over the devices.
+    accum = batching.grad_accum(cfg.train.global_batch_size, cfg.train.per_device_batch_size, n_devices)
     say(f"run dir: {Path(cfg.run_dir).resolve()}")
     say(parallel.describe(mesh))
 
@@ -240,68 +219,88 @@ def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
     with parallel.main_process_first("run directory files"):
         catalogue = build.load_catalogue(cfg)
         tokenizer = build.build_tokenizer(cfg, catalogue)
-        model_cfg = build.model_config(cfg, tokenizer, vocab_multiple(fsdp))
+        model_cfg = build.model_config(cfg, tokenizer, build.vocab_multiple(fsdp))
         build.save_run_description(cfg, tokenizer, model_cfg)
         data_cfg = dataclasses.replace(cfg.data, root=str(build.data_root(cfg)))
         cache_dir = Path(cfg.run_dir) / "cache"
         train_data = batching.load_training_data(data_cfg, tokenizer, cache_dir, seed=cfg.seed)
         valid_data = batching.load_validation_data(data_cfg, tokenizer, cache_dir)
-    mean_length = float(np.mean(train_data.lengths))
-    layout = batching.Layout(seq_len=cfg.data.seq_len,
-                             rows_per_device=rows_per_device(cfg, train_data, n_devices),
+    rows = batching.rows_per_device(train_data, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
+                                    micro_batches=accum, n_devices=n_devices, seed=cfg.seed)
+    layout = batching.Layout(seq_len=cfg.data.seq_len, rows_per_device=rows,
                              local_device_count=jax.local_device_count(),
                              process_index=jax.process_index(), process_count=jax.process_count())
     loader = batching.Loader(train_data, global_batch_size=cfg.train.global_batch_size, layout=layout,
                              seed=cfg.seed)
-    total_steps = plan_total_steps(cfg, loader.steps_per_epoch)
+    total_steps = batching.total_steps(cfg.train.epochs, cfg.train.max_steps, loader.steps_per_epoch)
     say(f"data: {catalogue.category} from {data_cfg.root}: {len(train_data)} training examples "
-        f"({', '.join(cfg.data.tasks)}; mean {mean_length:.0f} tokens), {len(valid_data)} validation "
-        f"examples, loaded and tokenized in {time.perf_counter() - started:.1f}s")
+        f"({', '.join(cfg.data.tasks)}; mean {float(np.mean(train_data.lengths)):.0f} tokens), {len(valid_data)} "
+        f"validation examples, loaded and tokenized in {time.perf_counter() - started:.1f}s")
     say(f"batch: {cfg.train.global_batch_size} examples/step = {cfg.train.per_device_batch_size} per device x "
         f"{n_devices} devices x {accum} micro-batches, packed into {layout.rows_per_device} row(s) of "
         f"{layout.seq_len} tokens per device per micro-batch; {loader.steps_per_epoch} steps/epoch, "
         f"{total_steps} steps in all")
 
-    abstract = qwen2.abstract_params(model_cfg)
-    param_specs = parallel.param_partition_specs(qwen2.logical_axes(model_cfg), abstract, fsdp)
-    param_shardings = parallel.shardings(mesh, param_specs)
-    tx, optimizer_info = optim.build_optimizer(cfg.optim, abstract, total_steps)
+    specs = qwen2.param_specs(model_cfg)
+    partition_specs = parallel.param_partition_specs(specs, fsdp)
+    tx, optimizer_info = optim.build_optimizer(cfg.optim, qwen2.flat_specs(model_cfg), total_steps)
     say(f"model: {qwen2.count_params(model_cfg):,} parameters, vocab {model_cfg.real_vocab_size} "
         f"(padded to {model_cfg.vocab_size}), compute {model_cfg.compute_dtype}, remat {model_cfg.remat}")
-
-    state_fns = compile_state_functions(model_cfg, tx, mesh, param_specs)
     return Trainer(cfg=cfg, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer, train_data=train_data,
                    valid_data=valid_data, layout=layout, loader=loader, total_steps=total_steps,
-                   param_shardings=param_shardings, state=state_fns, optimizer_info=optimizer_info)
+                   param_shardings=parallel.shardings(mesh, partition_specs),
+                   compiled=compile_steps(model_cfg, tx, mesh, partition_specs), optimizer_info=optimizer_info)
+
+
+@dataclasses.dataclass(frozen=True)
+class Due:
+    """The periodic actions due after an optimizer step."""
+
+    validate: bool
+    save: bool
+    preempted: bool
+
+
+def due_after(cfg: Config, step: int, total_steps: int, *, end_of_epoch: bool, preempted: bool) -> Due:
+    """Validate at epoch ends, every `valid_every_steps` and at the end; save whenever validating, every
+    `checkpoint.every_steps` and when preempted."""
+    def every(n: int) -> bool:
+        return n > 0 and step % n == 0
+
+    validate = end_of_epoch or every(cfg.train.valid_every_steps) or step == total_steps
+    return Due(validate=validate, save=validate or preempted or every(cfg.checkpoint.every_steps),
+               preempted=preempted)
+
+
+def resume_or_start(trainer: Trainer, checkpoints: Checkpointer) -> tuple[TrainState, Progress, bool]:
+    """The latest checkpoint's state (the loader repositioned), or a fresh one; (state, progress, resumed)."""
+    cfg = trainer.cfg
+    latest = checkpoints.latest_step()
+    if latest is None:
+        return trainer.fresh_state(), Progress(), False
+    if not cfg.checkpoint.resume:
+        raise UserError(f"{cfg.run_dir}: already holds checkpoints (latest step {latest}); pass "
+                        "--checkpoint.resume True to continue it or choose a new --run-dir")
+    state, meta = checkpoints.restore(latest, trainer.compiled.abstract_state)
+    trainer.loader.restore(meta["loader"])
+    return state, Progress(**meta["progress"]), True
 
 
 def run_train(cfg: Config) -> dict:
     """Train (resuming from the run directory's latest checkpoint); returns the run summary."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     parallel.maybe_initialize_distributed(cfg.mesh)  # before asking which process this is
     is_main = jax.process_index() == 0
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     trainer = setup(cfg, say=print if is_main else (lambda _: None))
-    run_dir = Path(cfg.run_dir)
-    checkpoints = Checkpointer(cfg.checkpoint.resume_from or run_dir / "checkpoints",
-                               keep_last=cfg.checkpoint.keep)
-    progress = Progress()
-    resume_step = checkpoints.latest_step()
-    if resume_step is not None and not cfg.checkpoint.resume:
-        raise UserError(f"{run_dir}: already holds checkpoints (latest step {resume_step}); pass "
-                        "--checkpoint.resume True to continue it or choose a new --run-dir")
-    if resume_step is not None:
-        state, meta = checkpoints.restore(resume_step, trainer.state.abstract)
-        trainer.loader.restore(meta["loader"])
-        progress = Progress(**meta["progress"])
-    else:
-        state = trainer.fresh_state()
-    step = int(jax.device_get(state["step"]))
+    checkpoints = Checkpointer(cfg.checkpoint.resume_from or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep)
+    state, progress, resumed = resume_or_start(trainer, checkpoints)
+    step = int(jax.device_get(state.step))
 
     logger = RunLogger(dataclasses.asdict(cfg), run_dir, is_main=is_main, wandb_mode=cfg.wandb.mode,
                        project=cfg.wandb.project, name=cfg.wandb.name, total_steps=trainer.total_steps,
                        start_step=step)
-    logger.info(f"resumed from step {step} (epoch {trainer.loader.epoch})" if resume_step is not None
-                else "starting from step 0")
+    logger.info(f"resumed from step {step} (epoch {trainer.loader.epoch})" if resumed else "starting from step 0")
     logger.info(trainer.optimizer_info.describe())
     shapes = trainer.loader.upcoming_micro_batches(trainer.total_steps - step)
     logger.info(f"step shapes: micro-batches per step in {shapes}: {len(shapes)} compilation(s) of the train "
@@ -313,37 +312,29 @@ def run_train(cfg: Config) -> dict:
         batches = iter(trainer.loader)
         while step < trainer.total_steps:
             batch = next(batches)
-            state, metrics = trainer.state.step(state, parallel.global_batch(trainer.mesh, batch))
+            state, metrics = trainer.compiled.train_step(state, parallel.global_batch(trainer.mesh, batch))
             meter.push(step, metrics, float(batch["n_tokens"]))
             step += 1
-            end_of_epoch = trainer.loader.step_in_epoch == 0
-            every = cfg.train.valid_every_steps
-            validate = end_of_epoch or (every > 0 and step % every == 0) or step == trainer.total_steps
-            preempted = guard.should_stop(step)
-            save = (validate or preempted or step == trainer.total_steps
-                    or (cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0))
-            if validate or save:
+            due = due_after(cfg, step, trainer.total_steps, end_of_epoch=trainer.loader.step_in_epoch == 0,
+                            preempted=guard.should_stop(step))
+            if due.save:
                 meter.flush()  # raises on a non-finite loss before anything is saved
             metric = None
-            if validate:
-                metric = trainer.validation_loss(state["params"])
-                improved = metric < progress.best_loss
-                progress = dataclasses.replace(
-                    progress, last_valid_loss=metric, best_loss=min(metric, progress.best_loss),
-                    best_step=step if improved else progress.best_step,
-                    bad_validations=0 if improved else progress.bad_validations + 1)
+            if due.validate:
+                metric = trainer.validation_loss(state.params)
+                progress = progress.after_validation(metric, step)
                 logger.log(step, {"valid/loss": metric, "valid/best_loss": progress.best_loss,
                                   "train/epoch": trainer.loader.epoch})
-            if save:
+            if due.save:
                 meta = {"loader": trainer.loader.state(), "progress": dataclasses.asdict(progress),
                         "config": dataclasses.asdict(cfg)}
                 checkpoints.save(step, state, meta, metric=metric)
-            if preempted:
+            if due.preempted:
                 stop_reason = "preempted"
                 logger.info(f"stop requested at step {step}: checkpoint saved, exiting cleanly")
                 break
             patience = cfg.train.early_stopping_patience
-            if validate and patience > 0 and progress.bad_validations >= patience:
+            if due.validate and patience > 0 and progress.bad_validations >= patience:
                 stop_reason = "early_stopping"
                 logger.info(f"early stopping at step {step}: no improvement in {patience} validations")
                 break

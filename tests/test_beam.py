@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 
 from sidrec.data.minionerec import eval_examples, load_catalogue, split_sid
-from sidrec.decode.beam import (
-    DISALLOWED,
-    batch_prompts,
-    beam_search,
-    bucket_length,
-    decode_predictions,
-)
+from sidrec.decode.beam import DISALLOWED, beam_search
 from sidrec.decode.trie import build_trie, trie_from_token_ids
+from sidrec.evaluate import batch_prompts, bucket_length, decode_predictions
 from sidrec.model import hf, qwen2
 from sidrec.tokenizer import add_sid_tokens, load_tokenizer
 

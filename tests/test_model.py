@@ -182,7 +182,7 @@ def test_unshard_hook_sees_named_unstacked_slices():
     hidden = qwen2.forward_hidden(params, cfg, ref["tokens"], ref["mask"], positions, unshard=unshard)
     qwen2.logits_at(params, cfg, hidden, np.zeros((3, 1), np.int32), unshard=unshard)
     names = [name for name, _ in calls]
-    assert names == ["embed", "layer", "final_norm", "lm_head"]  # the scan body is traced once
+    assert names == ["embed", "layers", "final_norm", "lm_head"]  # the scan body is traced once
     layer_shapes = calls[1][1]
     assert layer_shapes["wq"] == params["layers"]["wq"].shape[1:]
     assert layer_shapes["attn_norm"] == (cfg.hidden_size,)
@@ -229,11 +229,11 @@ def test_remat_does_not_save_gathered_weights(capsys):
 def test_param_declaration_drives_init_abstract_and_axes():
     model = ModelConfig(hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2,
                         head_dim=8, tie_word_embeddings=False, init_std=0.05)
-    cfg = qwen2.Qwen2Config.from_model_config(model, vocab_size=100, pad_to_multiple=64)
+    cfg = qwen2.Qwen2Config.build(model, vocab_size=100, pad_to_multiple=64)
     assert (cfg.vocab_size, cfg.real_vocab_size) == (128, 100)
     params = jax.jit(qwen2.init_params, static_argnums=0)(cfg, jax.random.key(0))
     abstract = qwen2.abstract_params(cfg)
-    axes = qwen2.logical_axes(cfg)
+    axes = jax.tree.map(lambda i: i.logical_axes, qwen2.param_specs(cfg), is_leaf=lambda x: hasattr(x, "role"))
     assert jax.tree.structure(params) == jax.tree.structure(abstract)
     for leaf, spec, axis_names in zip(jax.tree.leaves(params), jax.tree.leaves(abstract),
                                       jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):

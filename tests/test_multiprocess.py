@@ -19,7 +19,8 @@ import pytest
 from tiny import TINY_DATA_AND_MODEL
 
 from sidrec import build
-from sidrec.export import restore_params
+from sidrec.checkpoint import restore_params
+from sidrec.model import qwen2
 
 REPO = Path(__file__).parents[1]
 DEVICES = 8
@@ -79,7 +80,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 def last_params(run_dir: Path) -> tuple[dict, int]:
     _, model_cfg = build.load_run_description(run_dir)
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params, step = restore_params(run_dir, model_cfg, "last", one_device)
+    params, step = restore_params(run_dir, qwen2.abstract_params(model_cfg), "last", one_device)
     return jax.tree.map(np.asarray, params), step
 
 

@@ -15,12 +15,12 @@ import optax
 import pytest
 
 from sidrec.config import ConfigError, OptimConfig
+from sidrec.model import qwen2
 from sidrec.optim import (
     OptimizerInfo,
     build_optimizer,
     lr_schedule,
     orthogonalize_per_matrix,
-    param_labels,
 )
 
 L, D, H, K, HD, F, V = 2, 16, 2, 1, 8, 24, 32
@@ -34,6 +34,10 @@ SHAPES = {
     "final_norm": (D,),
     "lm_head": (D, V),
 }
+# The Qwen2 whose declaration has exactly these shapes (optimizer routing reads its roles).
+MODEL = qwen2.Qwen2Config(vocab_size=V, real_vocab_size=V, hidden_size=D, intermediate_size=F, num_layers=L,
+                          num_heads=H, num_kv_heads=K, head_dim=HD, tie_word_embeddings=False)
+SPECS = qwen2.flat_specs(MODEL)
 MUON_PATHS = {f"layers/{n}" for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
 NO_DECAY_PATHS = {"layers/attn_norm", "layers/mlp_norm", "final_norm", "layers/bq", "layers/bk", "layers/bv"}
 NS = (3.4445, -4.7750, 2.0315)
@@ -116,12 +120,15 @@ def test_schedules_match_hugging_face(kind, warmup, total):
 
 
 def test_labels_route_attention_and_mlp_matrices_to_muon():
-    labels = flat(param_labels(tiny_params()))
-    assert {p for p, g in labels.items() if g == "muon"} == MUON_PATHS
-    assert {p for p, g in labels.items() if g == "adamw"} == set(labels) - MUON_PATHS
-    # Abstract trees label the same (the trainer builds the optimizer before materialising params).
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), SHAPES, is_leaf=_is_shape)
-    assert flat(param_labels(abstract)) == labels
+    # From the roles of the model's own declaration: attention and MLP matrices to Muon, the rest AdamW.
+    _, info = build_optimizer(OptimConfig(name="muon"), SPECS, 10)
+    assert {p for p, g in info.labels.items() if g == "muon"} == MUON_PATHS
+    assert {p for p, g in info.labels.items() if g == "adamw"} == set(SPECS) - MUON_PATHS
+    assert {p for p, i in SPECS.items() if i.role in ("norm", "bias")} == NO_DECAY_PATHS
+    _, adamw = build_optimizer(OptimConfig(name="adamw"), SPECS, 10)
+    assert set(adamw.labels.values()) == {"adamw"}
+    # The declaration has the shapes the tests' tiny trees use.
+    assert {name: i.shape for name, i in SPECS.items()} == {name: a.shape for name, a in flat(tiny_params()).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +223,7 @@ def numpy_muon_adamw(params, scale_kind, steps=3):
                                         pytest.param("none", marks=pytest.mark.slow)])
 def test_local_muon_matches_numpy_reference(scale_kind):
     params = tiny_params()
-    tx, info = build_optimizer(OptimConfig(**LOCAL, muon_scale=scale_kind), params, TOTAL)
+    tx, info = build_optimizer(OptimConfig(**LOCAL, muon_scale=scale_kind), SPECS, TOTAL)
     ours = run_steps(tx, params)
     for step, (got, ref) in enumerate(zip(ours, numpy_muon_adamw(params, scale_kind))):
         for k in ref:
@@ -251,7 +258,7 @@ def test_newton_schulz_orthogonalises_each_layer_in_fp32_and_bf16():
 def test_optax_muon_matches_optax_contrib_muon(scale_kind):
     params = tiny_params()
     cfg = OptimConfig(**{**LOCAL, "impl": "optax"}, muon_scale=scale_kind)
-    tx, info = build_optimizer(cfg, params, TOTAL)
+    tx, info = build_optimizer(cfg, SPECS, TOTAL)
     dims = jax.tree_util.tree_map_with_path(
         lambda path, _: (optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=2)
                          if "/".join(str(k.key) for k in path) in MUON_PATHS else None), params)
@@ -277,7 +284,7 @@ ADAMW = {"name": "adamw", "lr": LOCAL["aux_lr"], "weight_decay": LOCAL["weight_d
 
 @functools.cache
 def our_adamw_history():
-    tx, info = build_optimizer(OptimConfig(**ADAMW), tiny_params(), TOTAL)
+    tx, info = build_optimizer(OptimConfig(**ADAMW), SPECS, TOTAL)
     assert set(info.labels.values()) == {"adamw"}
     return run_steps(tx, tiny_params())
 
@@ -313,12 +320,12 @@ def test_adamw_matches_torch_adamw_as_hf_trainer_runs_it():
 def test_clipping_bounds_the_gradient_the_optimizer_sees():
     params = {k: tiny_params()[k] for k in ("embed", "final_norm")}  # small: eager ops compile each
     huge = {k: 1e6 * tiny_grads(1)[k] for k in params}
-    tx, _ = build_optimizer(OptimConfig(name="adamw", clip_norm=1.0), params, 10)
+    tx, _ = build_optimizer(OptimConfig(name="adamw", clip_norm=1.0), SPECS, 10)
     _, state = tx.update(huge, tx.init(params), params)
     mu = optax.tree.get(state, "mu")
     # Adam's first moment after one step is (1 - b1) * clipped grad: its global norm is 0.1 * 1.0.
     assert float(optax.tree.norm(mu)) == pytest.approx(0.1, rel=1e-5)
-    tx_off, _ = build_optimizer(OptimConfig(name="adamw", clip_norm=0.0), params, 10)
+    tx_off, _ = build_optimizer(OptimConfig(name="adamw", clip_norm=0.0), SPECS, 10)
     _, state = tx_off.update(huge, tx_off.init(params), params)
     assert float(optax.tree.norm(optax.tree.get(state, "mu"))) > 1e6
 
@@ -328,7 +335,7 @@ def test_clipping_bounds_the_gradient_the_optimizer_sees():
 
 def test_info_counts_describe_and_learning_rates():
     params = tiny_params()
-    _, info = build_optimizer(OptimConfig(name="muon", lr=3e-3, aux_lr=3e-4, warmup_steps=20), params, 100)
+    _, info = build_optimizer(OptimConfig(name="muon", lr=3e-3, aux_lr=3e-4, warmup_steps=20), SPECS, 100)
     assert isinstance(info, OptimizerInfo)
     counts = info.group_counts()
     muon_params = sum(math.prod(SHAPES["layers"][p.split("/")[1]]) for p in MUON_PATHS)
@@ -340,18 +347,17 @@ def test_info_counts_describe_and_learning_rates():
     assert {k: float(v) for k, v in info.learning_rates(0).items()} == {"muon": 0.0, "adamw": 0.0}
     lrs = info.learning_rates(20)
     assert float(lrs["muon"]) == pytest.approx(3e-3) and float(lrs["adamw"]) == pytest.approx(3e-4)
-    _, adamw_info = build_optimizer(OptimConfig(name="adamw"), params, 100)
+    _, adamw_info = build_optimizer(OptimConfig(name="adamw"), SPECS, 100)
     assert set(adamw_info.learning_rates(5)) == {"adamw"}
 
 
 def test_user_mistakes_raise_config_errors():
-    params = tiny_params()
     with pytest.raises(ConfigError, match="muon-scale none"):
-        build_optimizer(OptimConfig(name="muon", impl="optax", muon_scale="none"), params, 10)
+        build_optimizer(OptimConfig(name="muon", impl="optax", muon_scale="none"), SPECS, 10)
     with pytest.raises(ConfigError, match="max-steps"):
-        build_optimizer(OptimConfig(), params, 0)
+        build_optimizer(OptimConfig(), SPECS, 0)
     with pytest.raises(ConfigError, match="no parameter is a Muon matrix"):
-        build_optimizer(OptimConfig(name="muon"), {"embed": params["embed"]}, 10)
+        build_optimizer(OptimConfig(name="muon"), {"embed": SPECS["embed"]}, 10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +365,7 @@ def test_user_mistakes_raise_config_errors():
 
 SHARDED_SCRIPT = """
 import sys, jax, numpy as np, optax
-from test_optim import tiny_params, tiny_grads, flat, numpy_muon_adamw, TOTAL, LOCAL
+from test_optim import tiny_params, tiny_grads, flat, numpy_muon_adamw, TOTAL, LOCAL, SPECS
 from sidrec.config import OptimConfig
 from sidrec.optim import build_optimizer
 
@@ -394,7 +400,7 @@ def final_params(tx, mesh):
     return flat(params)
 
 
-tx, _ = build_optimizer(OptimConfig(**{**LOCAL, "impl": sys.argv[1]}), tiny_params(), TOTAL)
+tx, _ = build_optimizer(OptimConfig(**{**LOCAL, "impl": sys.argv[1]}), SPECS, TOTAL)
 ours = final_params(tx, fsdp_mesh(8))
 if sys.argv[1] == "local":
     want = numpy_muon_adamw(tiny_params(), "shape")[-1]

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,9 @@ import numpy as np
 from sidrec.config import ALL_TASKS, DataConfig
 from sidrec.data import minionerec
 from sidrec.data.minionerec import IGNORE_INDEX, PromptOptions, TokenizedExamples
+from sidrec.errors import UserError
 from sidrec.tokenizer import TokenizerInfo
+from sidrec.util import round_up
 
 CACHE_FORMAT = 1  # bump when the token rows' meaning changes
 MIN_TARGET_BUCKET = 16
@@ -61,9 +62,9 @@ def load_training_data(cfg: DataConfig, tokenizer: TokenizerInfo, cache_dir: str
 
 
 def load_validation_data(cfg: DataConfig, tokenizer: TokenizerInfo, cache_dir: str | Path) -> TokenizedExamples:
-    """sid_sft on the valid split (the first `cfg.valid_max_samples` rows when that is >= 0)."""
+    """sid_sft on the valid split (the first `cfg.valid_max_samples` rows; 0: all)."""
     [data] = _cached_tasks(cfg, tokenizer, cache_dir, ("sid_sft",), "valid", seed=42)
-    return data if cfg.valid_max_samples < 0 else head(data, cfg.valid_max_samples)
+    return head(data, cfg.valid_max_samples) if cfg.valid_max_samples > 0 else data
 
 
 def _cached_tasks(cfg: DataConfig, tokenizer: TokenizerInfo, cache_dir: str | Path, tasks: tuple[str, ...],
@@ -180,7 +181,7 @@ def targets_per_row(data: TokenizedExamples, seq_len: int) -> int:
     counts = target_counts(data)
     mean_per_row = seq_len * float(counts.sum()) / float(data.lengths.sum())
     n = max(math.ceil(1.5 * mean_per_row), int(counts.max()), MIN_TARGET_BUCKET)
-    return min(seq_len, -(-n // 64) * 64)
+    return min(seq_len, round_up(n, 64))
 
 
 @dataclass(frozen=True)
@@ -370,39 +371,35 @@ def utilisation(plans: list[StepPlan], layout: Layout) -> float:
     return sum(p.n_tokens for p in plans) / slots
 
 
-def report(root: str = "../shared/data", category: str = "Industrial_and_Scientific",
-           tokenizer: str = "../shared/tokenizers/qwen2.5", tasks: tuple[str, ...] = ALL_TASKS,
-           global_batch_size: int = 1024, seq_lens: tuple[int, ...] = (512, 1024, 2048),
-           devices: tuple[int, ...] = (1, 8), rows_per_device: tuple[int, ...] = (1, 2, 4),
-           epochs: int = 3, cache_dir: str | None = None) -> None:
-    """Print token utilisation and the step-shape (compile) bound of a training mixture."""
-    from sidrec.tokenizer import add_sid_tokens, load_tokenizer
-
-    started = time.perf_counter()
-    info = add_sid_tokens(load_tokenizer(tokenizer), minionerec.load_catalogue(root, category).sid_tokens)
-    cfg = DataConfig(root=root, category=category, tasks=tasks)
-    data = load_training_data(cfg, info, cache_dir or default_cache_dir())
-    print(f"{category}: {len(data)} examples ({', '.join(tasks)}), {len(data.tokens)} tokens "
-          f"(mean {data.lengths.mean():.1f}, max {data.lengths.max()}); loaded in "
-          f"{time.perf_counter() - started:.1f}s")
-    print(f"global batch {global_batch_size}; over {epochs} epochs: util = real tokens / slots, "
-          "A = micro-batches per step (the only varying dim), N = loss targets per row")
-    print(f"{'seq_len':>7} {'devices':>7} {'rows/dev':>8} {'N':>4} {'steps/ep':>8} {'util':>6}  "
-          f"{'A seen':<16} A bound (= compile bound)")
-    for seq_len in seq_lens:
-        for device_count in devices:
-            for rows in rows_per_device:
-                layout = Layout(seq_len=seq_len, rows_per_device=rows, local_device_count=device_count)
-                loader = Loader(data, global_batch_size=global_batch_size, layout=layout, seed=42)
-                plans = [p for e in range(epochs) for p in loader.epoch_plans(e)]
-                seen = sorted({p.num_micro_batches for p in plans})
-                bound = loader.micro_batch_bound()
-                print(f"{seq_len:>7} {device_count:>7} {rows:>8} {loader.targets_per_row:>4} "
-                      f"{loader.steps_per_epoch:>8} {utilisation(plans, layout):>6.1%}  "
-                      f"{seen!s:<16} {len(bound)} values in {bound[0]}..{bound[-1]}")
+# ----------------------------------------------------------------------------------------------------
+# Planning a run's batches
 
 
-if __name__ == "__main__":
-    import tyro
+def grad_accum(global_batch_size: int, per_device_batch_size: int, n_devices: int) -> int:
+    """Micro-batches per optimizer step: global batch / (per-device batch x devices)."""
+    per_micro_batch = per_device_batch_size * n_devices
+    if global_batch_size % per_micro_batch:
+        raise UserError(f"--train.global-batch-size ({global_batch_size}) must be a multiple of "
+                        f"--train.per-device-batch-size x devices ({per_device_batch_size} x {n_devices})")
+    return global_batch_size // per_micro_batch
 
-    tyro.cli(report)
+
+def rows_per_device(data: TokenizedExamples, *, seq_len: int, global_batch_size: int, micro_batches: int,
+                    n_devices: int, seed: int, sample_steps: int = 16) -> int:
+    """Packed rows per device per micro-batch, sized so a step's examples fill `micro_batches` micro-batches.
+
+    Packing a few global batches of the data (in a seeded order) tells how many rows a step needs; the
+    fullest one sets the size, so steps use `micro_batches` micro-batches (rarely one more).
+    """
+    lengths, targets = data.lengths, target_counts(data)
+    max_targets = targets_per_row(data, seq_len)
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    steps = [order[i:i + global_batch_size] for i in range(0, min(len(order), sample_steps * global_batch_size),
+                                                            global_batch_size)]
+    rows = max(len(pack_first_fit_decreasing(lengths[ids], seq_len, targets[ids], max_targets)) for ids in steps)
+    return max(1, math.ceil(rows / (micro_batches * n_devices)))
+
+
+def total_steps(epochs: float, max_steps: int, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run: max_steps when set (> 0), else the epochs' worth."""
+    return max_steps if max_steps > 0 else max(1, math.ceil(epochs * steps_per_epoch))

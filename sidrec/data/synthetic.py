@@ -1,4 +1,4 @@
-"""A small synthetic catalogue in MiniOneRec's layout, a BPE tokenizer trained on it, and a baseline.
+"""A small synthetic catalogue in MiniOneRec's layout and a BPE tokenizer trained on it.
 
 Items have 3-level SIDs `<a_i><b_j><c_k>`: a = product family (its noun is in the title), b = style
 within the family (its adjective is in the title), c = the item within (family, style). Users follow
@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from sidrec import metrics
-from sidrec.data.minionerec import Catalogue, DataError, load_split
+from sidrec.data.minionerec import DataError
 from sidrec.tokenizer import (
     TokenizerInfo,
     add_sid_tokens,
@@ -162,16 +161,3 @@ def _distinct_pieces(texts: list[str]) -> list[str]:
     (prompts repeat templates and titles), from a corpus ~100x smaller, so training takes a second."""
     pieces = dict.fromkeys(piece for text in texts for piece in _PIECE_BREAK.split(text))
     return list(dict.fromkeys(_SID_TOKEN.sub("", piece) for piece in pieces))
-
-
-def most_popular_baseline(catalogue: Catalogue, split: str = "test", num_beams: int = 50,
-                          max_samples: int = -1) -> dict:
-    """Metrics (sidrec.metrics, calc.py semantics) of recommending every user the `num_beams` most
-    frequent train targets, most frequent first (ties: first seen first); the first `max_samples`
-    rows of the split when >= 0 (as `--eval.max-samples`)."""
-    counts = Counter(row.item_sid for row in load_split(catalogue, "train"))
-    ranked = [sid for sid, _ in counts.most_common(num_beams)]
-    rows = load_split(catalogue, split)
-    rows = rows if max_samples < 0 else rows[:max_samples]
-    records = [{"output": row.item_sid + "\n", "predict": ranked} for row in rows]
-    return metrics.compute_metrics(records, catalogue.valid_sids)

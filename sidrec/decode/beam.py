@@ -22,21 +22,16 @@ signatures): the prompt is prefilled once and its K/V shared by all beams.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sidrec.decode.trie import INVALID_NODE, ROOT_NODE, SidTrie, candidates
 from sidrec.model import qwen2
-from sidrec.tokenizer import TokenizerInfo
 
 NOT_A_BEAM = -1e9      # HF's score of an empty slot (beams 1.. at step 0, unfilled finished slots)
 DISALLOWED = -1e6      # upstream's additive mask on tokens the trie does not allow
-BUCKET_MULTIPLE = 64   # prompt lengths are padded up to a multiple of this (one compilation each)
 
 
 class BeamState(NamedTuple):
@@ -49,20 +44,19 @@ class BeamState(NamedTuple):
     improvable: jax.Array       # bool [B, 1] a running beam may still beat the worst finished one
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_beams", "constrained", "model"))
+@functools.partial(jax.jit, static_argnames=("cfg", "num_beams", "constrained"))
 def beam_search(params, cfg, trie: SidTrie, tokens: jax.Array, mask: jax.Array, *, num_beams: int = 50,
-                constrained: bool = True, model=qwen2) -> tuple[jax.Array, jax.Array]:
+                constrained: bool = True) -> tuple[jax.Array, jax.Array]:
     """Beam search over left-padded prompts tokens/mask [B, S].
 
     Returns (sequences int32 [B, W, G], scores f32 [B, W]) with G = trie.num_steps (SID depth + 2): the
     generated suffixes, best first, EOS-filled after an early EOS. `constrained=False` searches the full
     vocabulary (upstream's "pure" beam search) for the same G steps. The first step starts at the trie's
     root: upstream keys it by the prompt's last tokens, which eval prompts end with ("### Response:\\n").
-    `model`: anything with qwen2's prefill / decode_step / reorder_beams (a static argument).
     Compiles once per (prompt shape, num_beams, constrained, trie fan-outs).
     """
     steps = trie.num_steps
-    logits, cache = model.prefill(params, cfg, tokens, mask, num_beams=num_beams, max_new_tokens=steps - 1)
+    logits, cache = qwen2.prefill(params, cfg, tokens, mask, num_beams=num_beams, max_new_tokens=steps - 1)
     state = _initial_state(tokens.shape[0], num_beams, steps, trie.eos_id)
     advance = functools.partial(_advance, trie=trie, num_beams=num_beams, constrained=constrained)
     # Step 0: every beam would continue the same prompt, so only beam 0's continuations exist.
@@ -70,9 +64,9 @@ def beam_search(params, cfg, trie: SidTrie, tokens: jax.Array, mask: jax.Array, 
 
     def body(carry, step):
         state, cache = carry
-        logits, cache = model.decode_step(params, cfg, state.running_tokens[:, :, step - 1], cache)
+        logits, cache = qwen2.decode_step(params, cfg, state.running_tokens[:, :, step - 1], cache)
         state, parent = advance(state, logits, step=step, level=None)
-        return (state, model.reorder_beams(cache, parent)), None
+        return (state, qwen2.reorder_beams(cache, parent)), None
 
     (state, _), _ = jax.lax.scan(body, (state, cache), jnp.arange(1, steps))
     return state.finished_tokens, state.finished_scores
@@ -212,58 +206,3 @@ def _constrained_continuations(state: BeamState, logp: LogProbs, trie: SidTrie, 
     return (jnp.concatenate([allowed_scores, disallowed_scores], axis=-1),
             jnp.concatenate([allowed_tokens, disallowed_tokens], axis=-1),
             jnp.concatenate([children, jnp.full(shape, INVALID_NODE, jnp.int32)], axis=-1))
-
-
-def decode_predictions(sequences, tokenizer: TokenizerInfo) -> list[list[str]]:
-    """Generated suffixes [B, W, G] -> upstream's "predict" strings (best first) for each prompt.
-
-    As upstream's evaluate.py: decode with special tokens (EOS) skipped, keep what follows the last
-    "Response:\\n", strip whitespace. A valid SID comes out as e.g. '<a_1><b_2><c_3>'.
-    """
-    sequences = np.asarray(sequences)
-    texts = tokenizer.tokenizer.decode_batch(sequences.reshape(-1, sequences.shape[-1]).tolist(),
-                                             skip_special_tokens=True)
-    texts = [text.split("Response:\n")[-1].strip() for text in texts]
-    width = sequences.shape[1]
-    return [texts[i:i + width] for i in range(0, len(texts), width)]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Prompt batches by length bucket: a whole split compiles once per bucket.
-
-
-def bucket_length(n: int, multiple: int = BUCKET_MULTIPLE) -> int:
-    """Padded prompt length: n rounded up to a multiple (at most max_len / multiple compilations)."""
-    return max(multiple, -(-n // multiple) * multiple)
-
-
-@dataclass(frozen=True)
-class PromptBatch:
-    indices: np.ndarray  # int64 [batch]: position of each row in the input list; -1 for filler rows
-    tokens: np.ndarray   # int32 [batch, bucket] left-padded
-    mask: np.ndarray     # int32 [batch, bucket] 1 on real tokens
-
-
-def batch_prompts(prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int,
-                  multiple: int = BUCKET_MULTIPLE) -> list[PromptBatch]:
-    """Group prompts by length bucket into left-padded batches of exactly `batch_size` rows.
-
-    Within a bucket prompts keep their order; a bucket's last batch is completed with copies of its
-    first prompt (index -1, results to be dropped) so that every call has one of few static shapes.
-    """
-    by_bucket: dict[int, list[int]] = {}
-    for index, prompt in enumerate(prompts):
-        by_bucket.setdefault(bucket_length(len(prompt), multiple), []).append(index)
-    batches = []
-    for length, members in sorted(by_bucket.items()):
-        for start in range(0, len(members), batch_size):
-            indices = members[start:start + batch_size]
-            rows = [prompts[i] for i in indices]
-            filler = batch_size - len(rows)
-            tokens = np.full((batch_size, length), pad_id, np.int32)
-            mask = np.zeros((batch_size, length), np.int32)
-            for row, prompt in enumerate(rows + [rows[0]] * filler):
-                tokens[row, length - len(prompt):] = prompt
-                mask[row, length - len(prompt):] = 1
-            batches.append(PromptBatch(np.array(indices + [-1] * filler, np.int64), tokens, mask))
-    return batches

@@ -1,8 +1,9 @@
 """Hugging Face interop without torch: config.json <-> Qwen2Config, safetensors <-> params,
 the SID vocabulary extension on the weights, and export back to a directory transformers loads.
 
-One table (`_TENSORS`) names every HF tensor, our parameter path and whether the matrix is
-transposed (torch Linear stores [out, in], we store [in, out]); loading and export both use it.
+The HF tensor names come from the parameter declaration (`qwen2.param_specs`: each leaf names its
+tensor and whether torch stores it transposed); the config.json fields from one table (`_HF_FIELDS`).
+Loading and export both use them.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -26,56 +25,28 @@ from safetensors.numpy import save_file
 
 from sidrec.errors import UserError
 from sidrec.model.qwen2 import (
+    ARCHITECTURE_FIELDS,
+    EMBEDDING,
+    HEAD,
+    TIED_HEAD_HF_NAME,
+    Architecture,
+    ArrayInfo,
     Params,
     Qwen2Config,
     Qwen2ConfigError,
-    param_specs,
-    round_up,
+    architecture_of,
+    flat_specs,
 )
 from sidrec.tokenizer import TokenizerInfo, save_tokenizer
+from sidrec.util import round_up
 
 
 class CheckpointError(UserError):
     """A model directory that does not match what the config declares; names every bad tensor."""
 
 
-@dataclass(frozen=True)
-class _Tensor:
-    hf_name: str               # "{i}" stands for the layer index
-    path: tuple[str, ...]      # where it lives in our params
-    transposed: bool
-
-    @property
-    def layered(self) -> bool:
-        return "{i}" in self.hf_name
-
-    @property
-    def pattern(self) -> re.Pattern:
-        return re.compile(re.escape(self.hf_name).replace(r"\{i\}", r"(\d+)"))
-
-
-def _layer(hf_suffix: str, name: str, transposed: bool) -> _Tensor:
-    return _Tensor(f"model.layers.{{i}}.{hf_suffix}", ("layers", name), transposed)
-
-
-_TENSORS = (
-    _Tensor("model.embed_tokens.weight", ("embed",), False),
-    _layer("input_layernorm.weight", "attn_norm", False),
-    _layer("self_attn.q_proj.weight", "wq", True),
-    _layer("self_attn.q_proj.bias", "bq", False),
-    _layer("self_attn.k_proj.weight", "wk", True),
-    _layer("self_attn.k_proj.bias", "bk", False),
-    _layer("self_attn.v_proj.weight", "wv", True),
-    _layer("self_attn.v_proj.bias", "bv", False),
-    _layer("self_attn.o_proj.weight", "wo", True),
-    _layer("post_attention_layernorm.weight", "mlp_norm", False),
-    _layer("mlp.gate_proj.weight", "w_gate", True),
-    _layer("mlp.up_proj.weight", "w_up", True),
-    _layer("mlp.down_proj.weight", "w_down", True),
-    _Tensor("model.norm.weight", ("final_norm",), False),
-    _Tensor("lm_head.weight", ("lm_head",), True),
-)
-_TIED_HEAD = "lm_head.weight"
+def _path(name: str) -> tuple[str, ...]:
+    return tuple(name.split("/"))
 
 
 def _get(tree, path):
@@ -90,19 +61,15 @@ def _set(tree: dict, path, value) -> None:
     tree[path[-1]] = value
 
 
-def _expected_tensors(cfg: Qwen2Config) -> dict[str, tuple[_Tensor, int | None, tuple[int, ...]]]:
-    """HF name -> (table entry, layer index, HF shape) for every tensor a checkpoint must hold."""
-    specs = param_specs(cfg)
+def _expected_tensors(cfg: Qwen2Config) -> dict[str, tuple[str, ArrayInfo, int | None, tuple[int, ...]]]:
+    """HF name -> (our path, declaration, layer index, HF shape) for every tensor a checkpoint must
+    hold; derived from `qwen2.param_specs` (each ArrayInfo names its HF tensor)."""
     expected = {}
-    for tensor in _TENSORS:
-        if tensor.path == ("lm_head",) and cfg.tie_word_embeddings:
-            continue
-        shape = _get(specs, tensor.path).shape
-        shape = shape[1:] if tensor.layered else shape
-        hf_shape = tuple(reversed(shape)) if tensor.transposed else shape
-        layers = range(cfg.num_layers) if tensor.layered else [None]
-        for i in layers:
-            expected[tensor.hf_name.format(i=i)] = (tensor, i, hf_shape)
+    for name, info in flat_specs(cfg).items():
+        shape = info.shape[1:] if info.stacked else info.shape
+        hf_shape = tuple(reversed(shape)) if info.hf_transposed else shape
+        for i in (range(cfg.num_layers) if info.stacked else [None]):
+            expected[info.hf_name.format(i=i)] = (name, info, i, hf_shape)
     return expected
 
 
@@ -132,66 +99,61 @@ def _rope_theta(hf: dict, where: str) -> float:
     return float(10000.0 if theta is None else theta)
 
 
+# Each Architecture field's config.json key and transformers' Qwen2Config default for it (None: the
+# file must give it, or it is derived below). The one conversion table, both directions.
+_HF_FIELDS = {
+    "hidden_size": ("hidden_size", None),
+    "intermediate_size": ("intermediate_size", None),
+    "num_layers": ("num_hidden_layers", None),
+    "num_heads": ("num_attention_heads", None),
+    "num_kv_heads": ("num_key_value_heads", None),  # absent: num_heads (MHA)
+    "head_dim": ("head_dim", None),                  # absent: hidden_size // num_heads
+    "rope_theta": ("rope_theta", 10000.0),           # or inside rope_parameters (transformers 5)
+    "rms_norm_eps": ("rms_norm_eps", 1e-6),
+    "tie_word_embeddings": ("tie_word_embeddings", False),
+    "max_position_embeddings": ("max_position_embeddings", 32768),
+    "init_std": ("initializer_range", 0.02),
+}
+assert set(_HF_FIELDS) == set(ARCHITECTURE_FIELDS), "every Architecture field needs its config.json key"
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 def config_from_hf(hf: dict, compute_dtype: str = "float32", remat: bool = False, *,
                    where: str = "config.json") -> Qwen2Config:
-    """A Qwen2Config from a parsed config.json (defaults as transformers' Qwen2Config)."""
+    """A Qwen2Config from a parsed config.json (absent fields: transformers' Qwen2Config defaults)."""
     if hf.get("model_type", "qwen2") != "qwen2":
         raise CheckpointError(f"{where}: model_type {hf['model_type']!r} is not supported (only 'qwen2')")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
     if hf.get("use_sliding_window"):
         raise CheckpointError(f"{where}: use_sliding_window=true is not supported; set it to false")
-    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    missing = [k for k in required if k not in hf]
+    missing = [k for k in _REQUIRED if k not in hf]
     if missing:
         raise CheckpointError(f"{where}: missing field(s) {missing}")
-    heads = hf["num_attention_heads"]
-    fields = {
-        "vocab_size": hf["vocab_size"],
-        "real_vocab_size": hf["vocab_size"],
-        "hidden_size": hf["hidden_size"],
-        "intermediate_size": hf["intermediate_size"],
-        "num_layers": hf["num_hidden_layers"],
-        "num_heads": heads,
-        "num_kv_heads": hf.get("num_key_value_heads") or heads,
-        "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
-        "rope_theta": _rope_theta(hf, where),
-        "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
-        "tie_word_embeddings": hf.get("tie_word_embeddings", False),
-        "max_position_embeddings": hf.get("max_position_embeddings", 32768),
-        "compute_dtype": compute_dtype,
-        "remat": remat,
-        "init_std": hf.get("initializer_range", 0.02),
-    }
+    fields = {ours: hf.get(key) if hf.get(key) is not None else default for ours, (key, default) in _HF_FIELDS.items()}
+    fields["num_kv_heads"] = fields["num_kv_heads"] or fields["num_heads"]
+    fields["head_dim"] = fields["head_dim"] or fields["hidden_size"] // fields["num_heads"]
+    fields["rope_theta"] = _rope_theta(hf, where)
     try:
-        return Qwen2Config(**fields)
+        return Qwen2Config.build(Architecture(**fields), hf["vocab_size"], compute_dtype=compute_dtype, remat=remat)
     except Qwen2ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
 
 
 def hf_config_dict(cfg: Qwen2Config, tokenizer_info: TokenizerInfo, dtype: str) -> dict:
     """config.json for Qwen2ForCausalLM; vocab_size is the real vocabulary (padding rows dropped)."""
+    architecture = architecture_of(cfg)
     return {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
         "vocab_size": cfg.real_vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
+        **{key: architecture[ours] for ours, (key, _) in _HF_FIELDS.items()},
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
         "rope_scaling": None,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
         "use_sliding_window": False,
         "sliding_window": None,
         "max_window_layers": cfg.num_layers,
         "attention_dropout": 0.0,
-        "initializer_range": cfg.init_std,
         "use_cache": True,
         "torch_dtype": dtype,
         "eos_token_id": tokenizer_info.eos_id,
@@ -236,19 +198,19 @@ def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
 def _shape_problems(cfg: Qwen2Config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     expected = _expected_tensors(cfg)
     problems = []
-    for name, (_, _, shape) in expected.items():
+    for name, (_, _, _, shape) in expected.items():
         if name not in shapes:
             problems.append(f"missing {name} (expected shape {list(shape)})")
         elif shapes[name] != shape:
             problems.append(f"{name} has shape {list(shapes[name])}, expected {list(shape)}")
     for name, shape in shapes.items():
-        if name in expected or (name == _TIED_HEAD and cfg.tie_word_embeddings):
+        if name in expected or (name == TIED_HEAD_HF_NAME and cfg.tie_word_embeddings):
             continue
         problems.append(f"unexpected tensor {name} (shape {list(shape)})")
-    if cfg.tie_word_embeddings and _TIED_HEAD in shapes:
+    if cfg.tie_word_embeddings and TIED_HEAD_HF_NAME in shapes:
         embed_shape = (cfg.vocab_size, cfg.hidden_size)
-        if shapes[_TIED_HEAD] != embed_shape:
-            problems.append(f"{_TIED_HEAD} has shape {list(shapes[_TIED_HEAD])}, expected {list(embed_shape)} "
+        if shapes[TIED_HEAD_HF_NAME] != embed_shape:
+            problems.append(f"{TIED_HEAD_HF_NAME} has shape {list(shapes[TIED_HEAD_HF_NAME])}, expected {list(embed_shape)} "
                             "(tied to model.embed_tokens.weight)")
     return problems
 
@@ -280,21 +242,19 @@ def load_params(directory: str | Path, cfg: Qwen2Config, *, shardings=None) -> P
             return handles[files[name]].get_tensor(name).astype(np.float32)
 
         params: dict = {}
-        for tensor in _TENSORS:
-            if tensor.path == ("lm_head",) and cfg.tie_word_embeddings:
-                continue
-            orient = (lambda a: a.T) if tensor.transposed else (lambda a: a)
-            if tensor.layered:
-                value = np.stack([orient(read(tensor.hf_name.format(i=i))) for i in range(cfg.num_layers)])
+        for name, info in flat_specs(cfg).items():
+            orient = (lambda a: a.T) if info.hf_transposed else (lambda a: a)
+            if info.stacked:
+                value = np.stack([orient(read(info.hf_name.format(i=i))) for i in range(cfg.num_layers)])
             else:
-                value = np.ascontiguousarray(orient(read(tensor.hf_name)))
-            sharding = None if shardings is None else _get(shardings, tensor.path)
-            _set(params, tensor.path, _place(value, sharding))
-        tied_head_differs = (cfg.tie_word_embeddings and _TIED_HEAD in files
-                             and not np.array_equal(read(_TIED_HEAD), read("model.embed_tokens.weight")))
+                value = np.ascontiguousarray(orient(read(info.hf_name)))
+            sharding = None if shardings is None else _get(shardings, _path(name))
+            _set(params, _path(name), _place(value, sharding))
+        tied_head_differs = (cfg.tie_word_embeddings and TIED_HEAD_HF_NAME in files
+                             and not np.array_equal(read(TIED_HEAD_HF_NAME), read("model.embed_tokens.weight")))
         if tied_head_differs:
             raise CheckpointError(
-                f"{directory}: config.json sets tie_word_embeddings=true but {_TIED_HEAD} differs from "
+                f"{directory}: config.json sets tie_word_embeddings=true but {TIED_HEAD_HF_NAME} differs from "
                 "model.embed_tokens.weight; set tie_word_embeddings=false to load the separate head")
     return params
 
@@ -353,15 +313,15 @@ def hf_state_dict(params: Params, cfg: Qwen2Config, dtype: str = "float32") -> d
     """Torch-layout numpy tensors (padded vocabulary rows dropped), as Qwen2ForCausalLM names them."""
     np_dtype = np.dtype(dtype)
     tensors = {}
-    for name, (tensor, layer, _) in _expected_tensors(cfg).items():
-        value = np.asarray(_get(params, tensor.path))
-        if tensor.path == ("embed",):
+    for hf_name, (name, info, layer, _) in _expected_tensors(cfg).items():
+        value = np.asarray(_get(params, _path(name)))
+        if info.role == EMBEDDING:
             value = value[:cfg.real_vocab_size]
-        elif tensor.path == ("lm_head",):
+        elif info.role == HEAD:
             value = value[:, :cfg.real_vocab_size]
         if layer is not None:
             value = value[layer]
-        tensors[name] = np.ascontiguousarray(value.T if tensor.transposed else value).astype(np_dtype)
+        tensors[hf_name] = np.ascontiguousarray(value.T if info.hf_transposed else value).astype(np_dtype)
     return tensors
 
 

@@ -3,7 +3,9 @@
 Numerics follow Hugging Face `Qwen2ForCausalLM`: RMSNorm in fp32 then cast, rotary tables in fp32 then
 cast, attention softmax in fp32, grouped-query attention where query head h reads kv head h // G.
 Matrices are stored [in, out]. Every parameter is declared once in `param_specs`; the abstract tree,
-the initializer and the logical axes (for sharding) are derived from it.
+the initializer, the logical axes (sharding), the role (optimizer routing, weight decay) and the
+Hugging Face tensor name (hf.py's key map) are derived from it. The architecture fields are declared
+once in `Architecture`.
 
 Einsum letters: b batch, t/s time (query/key), d model, h heads, k kv heads, g query heads per kv
 head, e head dim, f ffn, v vocab, w beams, m generated (suffix) time, n gathered positions.
@@ -12,6 +14,7 @@ head, e head dim, f ffn, v vocab, w beams, m generated (suffix) time, n gathered
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sidrec.config import ModelConfig
 from sidrec.errors import UserError
+from sidrec.util import round_up
 
 # Logit of vocabulary rows that exist only as padding: finite (no NaN in softmax or its gradient)
 # and low enough that exp() underflows to exactly 0 next to any real logit.
@@ -39,35 +42,63 @@ class Qwen2ConfigError(UserError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Qwen2Config:
-    """Static architecture + numerics; hashable, so it can be a static jit argument."""
+class Architecture:
+    """The shape of a Qwen2 decoder (what a config.json describes). THE list of architecture fields:
+    `ModelConfig` (the CLI's from-scratch model) and `Qwen2Config` both extend it; the defaults are a
+    small from-scratch model (a checkpoint's config.json always gives its own values)."""
+
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    intermediate_size: int = 384
+    """Width of the SwiGLU MLP."""
+    num_layers: int = 2
+    """Decoder layers (stacked on a leading axis and scanned)."""
+    num_heads: int = 4
+    """Query heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention: num_heads must be a multiple)."""
+    head_dim: int = 32
+    """Width of one attention head (even: rotary embeddings rotate pairs)."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    tie_word_embeddings: bool = True
+    """The output head is the transposed input embedding."""
+    max_position_embeddings: int = 4096
+    """Longest position the model is meant for (recorded in exported config.json)."""
+    init_std: float = 0.02
+    """Std of the normal initializer of from-scratch matrices and embeddings (HF: initializer_range)."""
+
+
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(Architecture))
+
+
+def architecture_of(config: Architecture) -> dict[str, Any]:
+    """The architecture fields of any Architecture subclass (ModelConfig, Qwen2Config) as a dict."""
+    return {name: getattr(config, name) for name in ARCHITECTURE_FIELDS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Qwen2Config(Architecture):
+    """Architecture + vocabulary + numerics of one model; hashable, so it can be a static jit argument."""
 
     vocab_size: int
     """Rows of the embedding / columns of the head (may be padded past real_vocab_size)."""
     real_vocab_size: int
     """Tokens that exist; logits of rows >= this are MASKED_LOGIT."""
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float = 1_000_000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 32768
     compute_dtype: str = "float32"
+    """Dtype of matmuls (master weights stay fp32; softmax and loss are fp32)."""
     remat: bool = False
-    init_std: float = 0.02
-    """Std of the from-scratch normal initializer (HF: initializer_range)."""
+    """Rematerialise each layer in the backward pass."""
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise Qwen2ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                             f"({self.num_kv_heads})")
+                                   f"({self.num_kv_heads})")
         if self.real_vocab_size > self.vocab_size:
             raise Qwen2ConfigError(f"real_vocab_size ({self.real_vocab_size}) exceeds vocab_size "
-                             f"({self.vocab_size})")
+                                   f"({self.vocab_size})")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise Qwen2ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
 
@@ -80,41 +111,40 @@ class Qwen2Config:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_model_config(cls, model: ModelConfig, vocab_size: int, pad_to_multiple: int = 1) -> Qwen2Config:
-        """A from-scratch architecture; rows are padded up to a multiple (e.g. 128 for fast matmuls)."""
-        return cls(
-            vocab_size=round_up(vocab_size, pad_to_multiple),
-            real_vocab_size=vocab_size,
-            hidden_size=model.hidden_size,
-            intermediate_size=model.intermediate_size,
-            num_layers=model.num_layers,
-            num_heads=model.num_heads,
-            num_kv_heads=model.num_kv_heads,
-            head_dim=model.head_dim,
-            rope_theta=model.rope_theta,
-            rms_norm_eps=model.rms_norm_eps,
-            tie_word_embeddings=model.tie_word_embeddings,
-            max_position_embeddings=model.max_position_embeddings,
-            compute_dtype=model.dtype,
-            remat=model.remat,
-            init_std=model.init_std,
-        )
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+    def build(cls, architecture: Architecture, vocab_size: int, *, pad_to_multiple: int = 1,
+              compute_dtype: str = "float32", remat: bool = False) -> Qwen2Config:
+        """A model of `architecture` over `vocab_size` tokens, rows padded to a multiple (fast matmuls)."""
+        return cls(**architecture_of(architecture), vocab_size=round_up(vocab_size, pad_to_multiple),
+                   real_vocab_size=vocab_size, compute_dtype=compute_dtype, remat=remat)
 
 
 # ----------------------------------------------------------------------------------------------
 # Parameter declaration
 
 
+# What a parameter is, for everything decided per parameter (optimizer, weight decay):
+EMBEDDING, HEAD, MATRIX, BIAS, NORM = "embedding", "head", "matrix", "bias", "norm"
+ROLES = (EMBEDDING, HEAD, MATRIX, BIAS, NORM)
+
+
 @dataclass(frozen=True)
 class ArrayInfo:
+    """One parameter: shape, fp32 master dtype, logical axes (sharding), initializer, role, and its
+    Hugging Face tensor name ("{i}" = layer index of a stacked leaf) and whether torch stores it
+    transposed (nn.Linear keeps [out, in], we keep [in, out])."""
+
     shape: tuple[int, ...]
     dtype: Any
     logical_axes: tuple[str, ...]
     init: Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+    role: str
+    hf_name: str
+    hf_transposed: bool = False
+
+    @property
+    def stacked(self) -> bool:
+        """A per-layer leaf stacked on a leading [L] axis."""
+        return "{i}" in self.hf_name
 
 
 def _normal(std: float):
@@ -130,35 +160,57 @@ def _zeros(key, shape, dtype):
 
 
 def param_specs(cfg: Qwen2Config) -> dict:
-    """THE declaration of every parameter: shape, fp32 master dtype, logical axes, initializer."""
+    """THE declaration of every parameter; the abstract tree, initializer, logical axes, optimizer
+    roles and the HF key map are all derived from it."""
     L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     matrix = _normal(cfg.init_std)
 
-    def info(shape, axes, init):
-        return ArrayInfo(tuple(shape), jnp.float32, tuple(axes), init)
+    def layer(hf_suffix, shape, axes, init, role, transposed=False):
+        return ArrayInfo((L, *shape), jnp.float32, ("layers", *axes), init, role,
+                         f"model.layers.{{i}}.{hf_suffix}", transposed)
 
     specs = {
-        "embed": info((V, D), ("vocab", "embed"), matrix),
+        "embed": ArrayInfo((V, D), jnp.float32, ("vocab", "embed"), matrix, EMBEDDING, "model.embed_tokens.weight"),
         "layers": {
-            "attn_norm": info((L, D), ("layers", "embed"), _ones),
-            "wq": info((L, D, q_dim), ("layers", "embed", "q_heads"), matrix),
-            "bq": info((L, q_dim), ("layers", "q_heads"), _zeros),
-            "wk": info((L, D, kv_dim), ("layers", "embed", "kv_heads"), matrix),
-            "bk": info((L, kv_dim), ("layers", "kv_heads"), _zeros),
-            "wv": info((L, D, kv_dim), ("layers", "embed", "kv_heads"), matrix),
-            "bv": info((L, kv_dim), ("layers", "kv_heads"), _zeros),
-            "wo": info((L, q_dim, D), ("layers", "q_heads", "embed"), matrix),
-            "mlp_norm": info((L, D), ("layers", "embed"), _ones),
-            "w_gate": info((L, D, F), ("layers", "embed", "mlp"), matrix),
-            "w_up": info((L, D, F), ("layers", "embed", "mlp"), matrix),
-            "w_down": info((L, F, D), ("layers", "mlp", "embed"), matrix),
+            "attn_norm": layer("input_layernorm.weight", (D,), ("embed",), _ones, NORM),
+            "wq": layer("self_attn.q_proj.weight", (D, q_dim), ("embed", "q_heads"), matrix, MATRIX, True),
+            "bq": layer("self_attn.q_proj.bias", (q_dim,), ("q_heads",), _zeros, BIAS),
+            "wk": layer("self_attn.k_proj.weight", (D, kv_dim), ("embed", "kv_heads"), matrix, MATRIX, True),
+            "bk": layer("self_attn.k_proj.bias", (kv_dim,), ("kv_heads",), _zeros, BIAS),
+            "wv": layer("self_attn.v_proj.weight", (D, kv_dim), ("embed", "kv_heads"), matrix, MATRIX, True),
+            "bv": layer("self_attn.v_proj.bias", (kv_dim,), ("kv_heads",), _zeros, BIAS),
+            "wo": layer("self_attn.o_proj.weight", (q_dim, D), ("q_heads", "embed"), matrix, MATRIX, True),
+            "mlp_norm": layer("post_attention_layernorm.weight", (D,), ("embed",), _ones, NORM),
+            "w_gate": layer("mlp.gate_proj.weight", (D, F), ("embed", "mlp"), matrix, MATRIX, True),
+            "w_up": layer("mlp.up_proj.weight", (D, F), ("embed", "mlp"), matrix, MATRIX, True),
+            "w_down": layer("mlp.down_proj.weight", (F, D), ("mlp", "embed"), matrix, MATRIX, True),
         },
-        "final_norm": info((D,), ("embed",), _ones),
+        "final_norm": ArrayInfo((D,), jnp.float32, ("embed",), _ones, NORM, "model.norm.weight"),
     }
     if not cfg.tie_word_embeddings:
-        specs["lm_head"] = info((D, V), ("embed", "vocab"), matrix)
+        specs["lm_head"] = ArrayInfo((D, V), jnp.float32, ("embed", "vocab"), matrix, HEAD, "lm_head.weight", True)
     return specs
+
+
+TIED_HEAD_HF_NAME = "lm_head.weight"
+"""What a tied checkpoint may also store (a copy of the embedding)."""
+
+
+def path_name(path) -> str:
+    """'layers/wq' for the pytree path of params['layers']['wq'] (optax's masked trees included)."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
+def flat_specs(cfg: Qwen2Config) -> dict[str, ArrayInfo]:
+    """'layers/wq' -> its ArrayInfo, in tree order."""
+    flat = jax.tree_util.tree_flatten_with_path(param_specs(cfg), is_leaf=_is_info)[0]
+    return {path_name(path): info for path, info in flat}
+
+
+def param_roles(cfg: Qwen2Config) -> dict[str, str]:
+    """'layers/wq' -> role (MATRIX, NORM, ...): what optimizer routing and weight decay read."""
+    return {name: info.role for name, info in flat_specs(cfg).items()}
 
 
 def _is_info(x) -> bool:
@@ -232,14 +284,17 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _project_qkv(layer: Params, cfg: Qwen2Config, h: jax.Array, cos, sin):
-    """h [b, t, d] -> q [b, t, k, g, e], k and v [b, t, k, e], rotary applied to q and k."""
-    b, t, _ = h.shape
-    q = (jnp.einsum("btd,dh->bth", h, layer["wq"]) + layer["bq"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = (jnp.einsum("btd,dk->btk", h, layer["wk"]) + layer["bk"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = (jnp.einsum("btd,dk->btk", h, layer["wv"]) + layer["bv"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    """h [b, t, d] -> q [b, t, k, g, e], k and v [b, t, k, e], rotary applied to q and k.
+
+    The stored [d, h*e] matrices are viewed as [d, h, e] (head-major, as HF's q_proj rows), and query
+    head h = kv head k * g + its index in the group, so [h] reshapes to [k, g].
+    """
+    d, H, K, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = jnp.einsum("btd,dhe->bthe", h, layer["wq"].reshape(d, H, E)) + layer["bq"].reshape(H, E)
+    k = jnp.einsum("btd,dke->btke", h, layer["wk"].reshape(d, K, E)) + layer["bk"].reshape(K, E)
+    v = jnp.einsum("btd,dke->btke", h, layer["wv"].reshape(d, K, E)) + layer["bv"].reshape(K, E)
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-    q = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
-    return q, k, v
+    return q.reshape(*q.shape[:2], K, cfg.q_per_kv, E), k, v
 
 
 def _masked_softmax(scores: jax.Array, visible: jax.Array, dtype) -> jax.Array:
@@ -247,13 +302,12 @@ def _masked_softmax(scores: jax.Array, visible: jax.Array, dtype) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
-def _attend(q, k, v, visible, dtype) -> jax.Array:
-    """q [b,t,k,g,e], k/v [b,s,k,e], visible [b,t,s] -> [b,t,k*g*e]; fp32 scores and softmax."""
+def _attend(q, k, v, *, visible, dtype) -> jax.Array:
+    """Full-sequence attention: q [b,t,k,g,e], k/v [b,s,k,e], visible [b,t,s] -> [b,t,k,g,e]."""
     scale = q.shape[-1] ** -0.5
     scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     probs = _masked_softmax(scores, visible[:, None, None], dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v)
-    return out.reshape(*out.shape[:2], -1)
+    return jnp.einsum("bkgts,bske->btkge", probs, v)
 
 
 def _mlp(layer: Params, cfg: Qwen2Config, x: jax.Array) -> jax.Array:
@@ -267,14 +321,19 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype), tree)
 
 
-def _decoder_layer(layer: Params, cfg: Qwen2Config, x, cos, sin, visible):
-    """One pre-norm block over full sequences; also returns this layer's (k, v) for a cache."""
-    with jax.named_scope("attention"):
-        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = _project_qkv(layer, cfg, h, cos, sin)
-        x = x + jnp.einsum("bth,hd->btd", _attend(q, k, v, visible, x.dtype), layer["wo"])
-    with jax.named_scope("mlp"):
-        x = x + _mlp(layer, cfg, x)
+def _decoder_layer(layer: Params, cfg: Qwen2Config, x, cos, sin, attend):
+    """THE pre-norm block, for training, prefill and decoding alike: only `attend(q, k, v)` ->
+    [b, t, k, g, e] differs (decoding runs it with the beams on the t axis). Also returns this
+    layer's (k, v) for a cache. `layer` holds one layer's fp32 master slices."""
+    with jax.named_scope("layer"):
+        layer = _cast(layer, cfg.dtype)
+        with jax.named_scope("attention"):
+            h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+            q, k, v = _project_qkv(layer, cfg, h, cos, sin)
+            wo = layer["wo"].reshape(cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.hidden_size)
+            x = x + jnp.einsum("btkge,kged->btd", attend(q, k, v), wo)
+        with jax.named_scope("mlp"):
+            x = x + _mlp(layer, cfg, x)
     return x, (k, v)
 
 
@@ -301,11 +360,10 @@ def _final_norm(params, cfg, x, unshard):
 def _run_layers(params, cfg: Qwen2Config, x, positions, visible, unshard, *, keep_kv: bool):
     """Scan the stacked layers; optionally return the stacked (k, v) [L, b, t, k, e] for a cache."""
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
+    attend = functools.partial(_attend, visible=visible, dtype=cfg.dtype)
 
     def body(x, layer):
-        with jax.named_scope("layer"):
-            layer = _cast(unshard("layer", layer), cfg.dtype)
-            x, kv = _decoder_layer(layer, cfg, x, cos, sin, visible)
+        x, kv = _decoder_layer(unshard("layers", layer), cfg, x, cos, sin, attend)
         return x, (kv if keep_kv else None)
 
     if cfg.remat:
@@ -325,9 +383,9 @@ def forward_hidden(params: Params, cfg: Qwen2Config, tokens, segment_ids, positi
 
     tokens, segment_ids, positions: int32 [b, t]. A query sees keys of the same non-zero segment at or
     before its index in the row; positions restart per packed segment (the caller provides them).
-    unshard(name, tree) returns the gathered arrays (FSDP hook; None = identity); it is called on
-    "embed", on each per-layer slice dict ("layer", inside the scan, leaves without the L axis), on
-    "final_norm" (and in logits_at on "lm_head", or "embed" again when tied). It receives the fp32
+    unshard(name, tree) returns the gathered arrays (FSDP hook; None = identity); `name` is the top-level
+    key of params: "embed", "layers" (each per-layer slice dict inside the scan, leaves without the L
+    axis), "final_norm" (and in logits_at "lm_head", or "embed" again when tied). It receives the fp32
     master arrays and the cast to the compute dtype follows, so gradients are reduce-scattered in fp32;
     an unshard that casts before gathering trades that for half the all-gather bytes.
     """
@@ -416,10 +474,10 @@ def prefill(params: Params, cfg: Qwen2Config, tokens, mask, *, num_beams: int = 
     return _vocab_logits(params, cfg, last, _identity_unshard), cache
 
 
-def _decode_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_mask, suffix_k, suffix_v, length, dtype):
+def _decode_attention(q, k_new, v_new, *, prompt_k, prompt_v, prompt_mask, suffix_k, suffix_v, length, dtype):
     """Attention of one new token per beam over: shared prompt + its beam's earlier suffix + itself.
 
-    q [b,w,k,g,e]; k_new/v_new [b,w,k,e]; prompt_k/v [b,s,k,e]; suffix_k/v [b,w,m,k,e].
+    q [b,w,k,g,e]; k_new/v_new [b,w,k,e]; prompt_k/v [b,s,k,e]; suffix_k/v [b,w,m,k,e] -> [b,w,k,g,e].
     """
     scale = q.shape[-1] ** -0.5
     f32 = jnp.float32
@@ -438,7 +496,7 @@ def _decode_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_mask, suffix_k
     out = (jnp.einsum("bwkgs,bske->bwkge", p_prompt, prompt_v)
            + jnp.einsum("bwkgm,bwmke->bwkge", p_suffix, suffix_v)
            + p_self[..., None] * v_new[:, :, :, None, :])
-    return out.reshape(*out.shape[:2], -1)
+    return out
 
 
 def decode_step(params: Params, cfg: Qwen2Config, tokens, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -449,17 +507,10 @@ def decode_step(params: Params, cfg: Qwen2Config, tokens, cache: KVCache) -> tup
 
     def body(x, xs):
         layer, prompt_k, prompt_v, suffix_k, suffix_v = xs
-        with jax.named_scope("layer"):
-            layer = _cast(layer, cfg.dtype)
-            with jax.named_scope("attention"):
-                h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-                q, k, v = _project_qkv(layer, cfg, h, cos, sin)
-                attended = _decode_attention(q, k, v, prompt_k, prompt_v, cache.prompt_mask,
-                                             suffix_k, suffix_v, cache.length, x.dtype)
-                x = x + jnp.einsum("bth,hd->btd", attended, layer["wo"])
-            with jax.named_scope("mlp"):
-                x = x + _mlp(layer, cfg, x)
-        return x, (k, v)
+        attend = functools.partial(_decode_attention, prompt_k=prompt_k, prompt_v=prompt_v,
+                                   prompt_mask=cache.prompt_mask, suffix_k=suffix_k, suffix_v=suffix_v,
+                                   length=cache.length, dtype=cfg.dtype)
+        return _decoder_layer(layer, cfg, x, cos, sin, attend)
 
     xs = (params["layers"], cache.prompt_k, cache.prompt_v, cache.suffix_k, cache.suffix_v)
     x, (k_new, v_new) = jax.lax.scan(body, x, xs)

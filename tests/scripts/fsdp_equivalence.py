@@ -19,7 +19,7 @@ import optax  # noqa: E402
 from sidrec import optim, parallel  # noqa: E402
 from sidrec.config import MeshConfig, OptimConfig  # noqa: E402
 from sidrec.model import qwen2  # noqa: E402
-from sidrec.train import compile_state_functions, make_global_ce_sum  # noqa: E402
+from sidrec.train import compile_steps, make_global_ce_sum  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -46,8 +46,7 @@ def make_batch(rng, A, R, T=32, N=8):
 def setup(mesh_cfg, devices):
     mesh = parallel.make_mesh(mesh_cfg, devices)
     fsdp = mesh.shape[parallel.FSDP]
-    abstract = qwen2.abstract_params(CFG)
-    specs = parallel.param_partition_specs(qwen2.logical_axes(CFG), abstract, fsdp)
+    specs = parallel.param_partition_specs(qwen2.param_specs(CFG), fsdp)
     return mesh, specs, parallel.shardings(mesh, specs)
 
 
@@ -63,13 +62,13 @@ def loss_and_grads(mesh_cfg, devices, params, batch):
 
 def run_steps(mesh_cfg, devices, params, batches, tx):
     mesh, specs, shardings = setup(mesh_cfg, devices)
-    fns = compile_state_functions(CFG, tx, mesh, specs)
-    state = fns.init(jax.device_put(params, shardings))
+    fns = compile_steps(CFG, tx, mesh, specs)
+    state = fns.init_state(jax.device_put(params, shardings))
     losses = []
     for batch in batches:
-        state, metrics = fns.step(state, parallel.global_batch(mesh, batch))
+        state, metrics = fns.train_step(state, parallel.global_batch(mesh, batch))
         losses.append(float(metrics["loss"]))
-    return losses, jax.tree.map(np.asarray, state["params"]), fns.step._cache_size()
+    return losses, jax.tree.map(np.asarray, state.params), fns.train_step._cache_size()
 
 
 def max_diff(a, b):
@@ -120,7 +119,7 @@ def main():
     if SLOW:
         optimizers["muon"] = OptimConfig(name="muon", lr=1e-2, aux_lr=1e-2, warmup_steps=0)
     for opt_name, optim_cfg in optimizers.items():
-        tx, _ = optim.build_optimizer(optim_cfg, params, total_steps=10)
+        tx, _ = optim.build_optimizer(optim_cfg, qwen2.flat_specs(CFG), total_steps=10)
         ref_losses, ref_params, _ = run_steps(one, devices[:1], params, batches, tx)
         # Multi-step runs on fsdp=8 only (data=2 x fsdp=4 is covered by the gradient check above);
         # both layouts under SIDREC_SLOW=1.
