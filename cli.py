@@ -3,6 +3,8 @@
     python cli.py train      --preset NAME [--group.field value ...]
     python cli.py eval       --preset NAME [...]
     python cli.py train-eval --preset NAME [...]   (train, then evaluate the best checkpoint on test)
+    python cli.py rl         --preset NAME [...]   (GRPO from --rl.sft-run-dir or --model.hf-path)
+    python cli.py rl-eval    --preset NAME [...]   (rl, then test eval of the best vs the SFT start)
     python cli.py export     --run-dir DIR --out HF_DIR [--which best|last]
     python cli.py presets
 
@@ -17,7 +19,7 @@ from typing import Literal
 
 import tyro
 
-COMMANDS = ("train", "eval", "train-eval", "export", "presets")
+COMMANDS = ("train", "eval", "train-eval", "rl", "rl-eval", "export", "presets")
 DEFAULT_PRESET = "demo"
 
 
@@ -102,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             from sidrec.train import run_train
 
             run_train(cfg)
+        elif command in ("rl", "rl-eval"):
+            from sidrec.rl.run import run_rl, run_rl_eval
+
+            (run_rl if command == "rl" else run_rl_eval)(cfg)
         elif command == "eval":
             from sidrec.evaluate import run_eval
 

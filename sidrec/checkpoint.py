@@ -53,13 +53,17 @@ class _DropMissingMetricWarning(logging.Filter):
 logging.getLogger("absl").addFilter(_DropMissingMetricWarning())
 
 _MAX_LISTED_MISMATCHES = 20
+RANKING_FILE = "ranking.json"
 
 
 class Checkpointer:
     """Async Orbax checkpoints of one run directory: keep the last `keep_last` and the best.
 
     The best is ranked by the `metric` given to `save` (named `best_metric`, lower is better
-    when `mode="min"`) and is kept even when it is older than the last `keep_last`.
+    when `mode="min"`) and is kept even when it is older than the last `keep_last`. A writer that
+    names its ranking records it in `<directory>/ranking.json`; a reader that names none (eval,
+    export) ranks by what is recorded there (default: valid_loss, min), so "best" of an SFT run
+    (lowest validation loss) and of an RL run (highest validation NDCG) both mean what their run meant.
     """
 
     def __init__(
@@ -68,15 +72,16 @@ class Checkpointer:
         *,
         keep_last: int = 2,
         keep_best: bool = True,
-        best_metric: str = "valid_loss",
-        mode: Literal["min", "max"] = "min",
+        best_metric: str | None = None,
+        mode: Literal["min", "max"] | None = None,
     ):
         if keep_last < 1:
             raise CheckpointError(f"keep_last={keep_last}: keep at least the last checkpoint (>= 1)")
-        if mode not in ("min", "max"):
+        if mode not in ("min", "max", None):
             raise CheckpointError(f"mode={mode!r}: choose 'min' or 'max'")
         # Orbax needs absolute paths; a relative local run dir (`runs/demo`) is resolved here.
         self._directory = epath.Path(directory) if "://" in str(directory) else epath.Path(directory).resolve()
+        best_metric, mode = self._ranking(best_metric, mode)
         self._best_metric = best_metric
         self._manager = ocp.CheckpointManager(
             self._directory,
@@ -87,6 +92,18 @@ class Checkpointer:
     @property
     def directory(self) -> epath.Path:
         return self._directory
+
+    def _ranking(self, best_metric: str | None, mode: str | None) -> tuple[str, str]:
+        """(metric, mode): as given (and recorded, by process 0), else as recorded, else valid_loss/min."""
+        path = self._directory / RANKING_FILE
+        recorded = json.loads(path.read_text()) if path.exists() else {}
+        named = best_metric is not None or mode is not None
+        best_metric = best_metric or recorded.get("metric", "valid_loss")
+        mode = mode or recorded.get("mode", "min")
+        if named and recorded != {"metric": best_metric, "mode": mode} and jax.process_index() == 0:
+            self._directory.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"metric": best_metric, "mode": mode}) + "\n")
+        return best_metric, mode
 
     def save(self, step: int, state: PyTree, meta: dict, *, metric: float | None = None) -> bool:
         """Start saving `state` and `meta` as `step`; returns once the arrays are copied off device.
@@ -325,10 +342,13 @@ def _installable(handler):
 
 def restore_params(run_dir: str | epath.PathLike, abstract_params: PyTree, which: Literal["best", "last"],
                    sharding) -> tuple[PyTree, int]:
-    """The parameters of a run's best/last checkpoint, placed with one sharding (no optimizer state);
-    `abstract_params` is the tree of jax.ShapeDtypeStruct (`qwen2.abstract_params(model_cfg)`)."""
+    """The parameters of a run's best/last checkpoint (no optimizer state), placed with one sharding or a
+    tree of them; `abstract_params` is the tree of jax.ShapeDtypeStruct (`qwen2.abstract_params(cfg)`)."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, abstract_params)
     with Checkpointer(epath.Path(run_dir) / "checkpoints") as checkpoints:
         step = checkpoints.step_for(which)
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_params)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params,
+                                sharding)
         state, _ = checkpoints.restore(step, {"params": abstract}, partial=True)
     return state["params"], step

@@ -188,8 +188,9 @@ class RLConfig:
     """Mix the policy into the reference every N steps (TRL sync_ref_model, rl.sh on; 0: never)."""
     ref_sync_alpha: float = 0.6
     """ref <- alpha * policy + (1 - alpha) * ref at each sync (TRL's ref_model_mixup_alpha default)."""
-    tasks: tuple[str, ...] = ("sid", "title2sid", "seq_title2sid")
-    """RL training datasets (upstream: all three; title2sid includes the description prompts)."""
+    tasks: tuple[str, ...] = ("sid", "title2sid", "description2sid", "seq_title2sid")
+    """RL training prompts (upstream: all: SidDataset, RLTitle2SidDataset's title and description
+    prompts, RLSeqTitle2SidDataset)."""
     title_answer_leak: bool = True
     """Reproduce upstream's RLTitle2SidDataset prompts, which end with the answer SID."""
     seq_title_sample: int = 10000
@@ -325,6 +326,10 @@ def _validation_errors(cfg: Config):
     if r.micro_batches < 1 or r.prompts_per_step % r.micro_batches:
         yield (f"--rl.prompts-per-step ({r.prompts_per_step}) must be a multiple of --rl.micro-batches "
                f"({r.micro_batches})")
+    unknown_rl = [x for x in r.tasks if x not in ("sid", "title2sid", "description2sid", "seq_title2sid")]
+    if unknown_rl or not r.tasks:
+        yield (f"--rl.tasks: unknown or empty {list(unknown_rl)}; choose from "
+               "['sid', 'title2sid', 'description2sid', 'seq_title2sid']")
     if r.max_steps < 0 or r.valid_max_samples < 0 or r.ref_sync_steps < 0:
         yield "--rl.max-steps, --rl.valid-max-samples and --rl.ref-sync-steps must be >= 0 (0: no limit / never)"
     if cfg.mesh.data == 0 or cfg.mesh.fsdp == 0 or (cfg.mesh.data < 0 and cfg.mesh.fsdp < 0):

@@ -293,7 +293,8 @@ def run_train(cfg: Config) -> dict:
     parallel.maybe_initialize_distributed(cfg.mesh)  # before asking which process this is
     is_main = jax.process_index() == 0
     trainer = setup(cfg, say=print if is_main else (lambda _: None))
-    checkpoints = Checkpointer(cfg.checkpoint.resume_from or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep)
+    checkpoints = Checkpointer(cfg.checkpoint.resume_from or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep,
+                               best_metric="valid_loss", mode="min")
     state, progress, resumed = resume_or_start(trainer, checkpoints)
     step = int(jax.device_get(state.step))
 

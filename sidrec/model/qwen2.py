@@ -357,12 +357,22 @@ def _final_norm(params, cfg, x, unshard):
         return rms_norm(x, unshard("final_norm", params["final_norm"]), cfg.rms_norm_eps)
 
 
-def _run_layers(params, cfg: Qwen2Config, x, positions, visible, unshard, *, keep_kv: bool):
-    """Scan the stacked layers; optionally return the stacked (k, v) [L, b, t, k, e] for a cache."""
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
-    attend = functools.partial(_attend, visible=visible, dtype=cfg.dtype)
+def _run_layers(params, cfg: Qwen2Config, x, positions, visible, unshard, *, keep_kv: bool, prefix_kv=None):
+    """Scan the stacked layers; optionally return the stacked (k, v) [L, b, t, k, e] for a cache.
 
-    def body(x, layer):
+    prefix_kv: optional stacked (k, v) [L, b, s, k, e] of earlier tokens that every query may also attend
+    to (visible is then [b, t, s + t]: the prefix's keys first); gradients flow into it.
+    """
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
+
+    def body(x, xs):
+        layer, prefix = xs
+        if prefix is None:
+            attend = functools.partial(_attend, visible=visible, dtype=cfg.dtype)
+        else:
+            def attend(q, k, v):
+                return _attend(q, jnp.concatenate([prefix[0], k], axis=1), jnp.concatenate([prefix[1], v], axis=1),
+                               visible=visible, dtype=cfg.dtype)
         x, kv = _decoder_layer(unshard("layers", layer), cfg, x, cos, sin, attend)
         return x, (kv if keep_kv else None)
 
@@ -370,7 +380,7 @@ def _run_layers(params, cfg: Qwen2Config, x, positions, visible, unshard, *, kee
         # Save only each layer's input: the (all-gathered) weights and activations are recomputed
         # in the backward pass, so FSDP never keeps a gathered copy of every layer alive.
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    return jax.lax.scan(body, x, params["layers"])
+    return jax.lax.scan(body, x, (params["layers"], prefix_kv))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +428,40 @@ def logits_at(params: Params, cfg: Qwen2Config, hidden, index, *, unshard: Unsha
     """fp32 logits [b, n, v] at positions index [b, n] of hidden [b, t, d] (the loss needs few)."""
     gathered = jnp.take_along_axis(hidden, index[..., None], axis=1)
     return _vocab_logits(params, cfg, gathered, unshard or _identity_unshard)
+
+
+def continuation_hidden(params: Params, cfg: Qwen2Config, prompt_tokens, prompt_mask, continuations, *,
+                        unshard: Unshard | None = None) -> jax.Array:
+    """Hidden states [b, w, m, d] that predict each token of w continuations [b, w, m] of left-padded
+    prompts [b, s] (entry c predicts continuations[..., c]: the prompt's last state for c = 0).
+
+    Equal to running every prompt + continuation row through `forward_hidden`, but the prompt is run once
+    and its per-layer K/V shared by its w continuations (what scoring a beam-search group needs, with
+    gradients through the shared prompt). Positions count from the prompt's first real token.
+    """
+    unshard = unshard or _identity_unshard
+    b, w, m = continuations.shape
+    mask = prompt_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    x = _embed(params, cfg, prompt_tokens, unshard)
+    x, prompt_kv = _run_layers(params, cfg, x, positions, attention_visibility(mask.astype(jnp.int32)), unshard,
+                               keep_kv=True)
+    last = _final_norm(params, cfg, x[:, -1], unshard)
+    # Continuation token (j, c) sees the real prompt tokens and tokens (j, <= c) of its own continuation.
+    beam, step = jnp.repeat(jnp.arange(w), m), jnp.tile(jnp.arange(m), w)
+    own = (beam[:, None] == beam[None, :]) & (step[:, None] >= step[None, :])
+    visible = jnp.concatenate([jnp.broadcast_to(mask[:, None, :], (b, w * m, mask.shape[1])),
+                               jnp.broadcast_to(own, (b, w * m, w * m))], axis=-1)
+    suffix_positions = jnp.sum(mask, axis=1, dtype=jnp.int32)[:, None] + step[None, :]
+    y = _embed(params, cfg, continuations.reshape(b, w * m), unshard)
+    y, _ = _run_layers(params, cfg, y, suffix_positions, visible, unshard, keep_kv=False, prefix_kv=prompt_kv)
+    y = _final_norm(params, cfg, y, unshard).reshape(b, w, m, -1)
+    return jnp.concatenate([jnp.broadcast_to(last[:, None, None], (b, w, 1, last.shape[-1])), y[:, :, :-1]], axis=2)
+
+
+def vocab_logits(params: Params, cfg: Qwen2Config, hidden, *, unshard: Unshard | None = None) -> jax.Array:
+    """fp32 logits [..., v] of hidden states [..., d] (padded vocabulary rows masked)."""
+    return _vocab_logits(params, cfg, hidden, unshard or _identity_unshard)
 
 
 def forward(params: Params, cfg: Qwen2Config, tokens, segment_ids, positions) -> jax.Array:

@@ -1,0 +1,204 @@
+"""GRPO as MiniOneRec's ReReTrainer computes it, as pure functions: completion rows, token log-probs,
+the per-token objective, and the jitted rollout and update over one mesh and one copy of the weights.
+
+Per prompt, a group is the G best hypotheses of a trie-constrained beam search (upstream: HF generate with
+num_beams = num_return_sequences = G, length penalty 0, its constraint processor): sidrec.decode.beam's
+ranking, so the rollout IS `beam_search`. Each completion is the generated suffix (SID tokens, "\\n",
+EOS) up to and including its first EOS (upstream's completion mask). Rewards and advantages are computed
+on device from token ids (sidrec.rl.rewards).
+
+The loss per completion token t (upstream minionerec_trainer.py `compute_loss`):
+
+    l_t = -(exp(logp_t - stop_grad(logp_t)) * A - beta * kl_t),   kl_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+
+(the ratio is 1 in value, its gradient is grad logp; one update per rollout batch, so no clipping), reduced as
+- "grpo" (upstream's default): mean over each completion's tokens, then over completions;
+- "dapo" (upstream's `--dapo`): one token mean over all completions' tokens;
+- "gspo" (upstream's `--gspo`): per completion s = exp(mean_t(logp - stop_grad(logp))), loss -(s * A - beta *
+  mean_t kl), mean over completions.
+Upstream averages the per-device means over devices and accumulation steps; with equal-sized micro-batches
+that is the global mean computed here (`objective_terms` returns a numerator; the step divides once by the
+global count, so accumulation and sharding do not change the result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from sidrec import parallel
+from sidrec.decode import beam
+from sidrec.decode.trie import SidTrie
+from sidrec.model import qwen2
+from sidrec.rl import rewards
+
+LossType = Literal["grpo", "dapo", "gspo"]
+LOSS_TYPES = ("grpo", "dapo", "gspo")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Completion rows and their log-probabilities
+
+
+def completion_mask(completions: jax.Array, eos_id: int) -> jax.Array:
+    """bool [..., C]: tokens up to and including the first EOS (upstream's completion mask)."""
+    is_eos = completions == eos_id
+    before = jnp.cumsum(is_eos, axis=-1) - is_eos  # EOS tokens strictly before t
+    return before == 0
+
+
+def token_logps(params, model_cfg: qwen2.Qwen2Config, prompt_tokens, prompt_mask, completions, *,
+                unshard=None) -> jax.Array:
+    """fp32 [p*G, C]: full-vocabulary log-softmax of each completion token [p, G, C] given the left-padded
+    prompt [p, S] and the completion's earlier tokens; the prompt is run once per group
+    (`qwen2.continuation_hidden`), not once per completion."""
+    hidden = qwen2.continuation_hidden(params, model_cfg, prompt_tokens, prompt_mask, completions, unshard=unshard)
+    logits = qwen2.vocab_logits(params, model_cfg, hidden.reshape(-1, hidden.shape[-1]), unshard=unshard)
+    targets = completions.reshape(-1)
+    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return (target_logit - jax.nn.logsumexp(logits, axis=-1)).reshape(-1, completions.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The objective
+
+
+def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """Per-token KL(policy || reference) estimate exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
+    delta = ref_logp - logp
+    return jnp.exp(delta) - delta - 1.0
+
+
+def objective_terms(logp, ref_logp, advantages, mask, weights, *, beta: float, loss_type: LossType):
+    """(numerator, kl numerator) of the loss over some completions; the loss is numerator / `loss_count`.
+
+    logp, ref_logp, mask: [n, C]; advantages, weights: [n] (weight 0 drops a completion, e.g. dynamic
+    sampling's zero-advantage groups).
+    """
+    mask = mask.astype(jnp.float32)
+    kl = k3_kl(logp, ref_logp)
+    tokens = jnp.maximum(mask.sum(-1), 1.0)
+    seq_kl = (kl * mask).sum(-1) / tokens
+    if loss_type == "gspo":
+        ratio = jnp.exp(((logp - jax.lax.stop_gradient(logp)) * mask).sum(-1) / tokens)
+        return jnp.sum(weights * -(ratio * advantages - beta * seq_kl)), jnp.sum(weights * seq_kl)
+    ratio = jnp.exp(logp - jax.lax.stop_gradient(logp))
+    per_token = -(ratio * advantages[:, None] - beta * kl) * mask
+    if loss_type == "dapo":
+        return jnp.sum(weights * per_token.sum(-1)), jnp.sum(weights * seq_kl)
+    return jnp.sum(weights * per_token.sum(-1) / tokens), jnp.sum(weights * seq_kl)
+
+
+def loss_count(mask, weights, loss_type: LossType):
+    """What the summed objective is divided by: completions (grpo, gspo) or tokens (dapo)."""
+    if loss_type == "dapo":
+        return jnp.sum(weights * mask.astype(jnp.float32).sum(-1))
+    return jnp.sum(weights)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollouts (the constrained beam search) and the update, jitted over one mesh
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RLState:
+    """What an RL step carries and a checkpoint stores: policy, optimizer state, reference, step."""
+
+    params: Any
+    opt_state: Any
+    ref_params: Any
+    step: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """One rollout batch on device: P prompts, G completions each (beam order, best first)."""
+
+    completions: jax.Array  # int32 [P, G, C]
+    scores: jax.Array       # f32 [P, G] beam scores (summed log-probs)
+    rewards: jax.Array      # f32 [P, G]
+    advantages: jax.Array   # f32 [P, G]
+    hit: jax.Array          # bool [P, G]: the completion is the target SID
+
+
+def rollout(params, prompt_tokens, prompt_mask, target_ids, *, model_cfg, trie: SidTrie, group_size: int,
+            reward_type: str) -> Rollout:
+    """Beam-search G completions per prompt and score them (a pure function; jit it)."""
+    sequences, scores = beam.beam_search(params, model_cfg, trie, prompt_tokens, prompt_mask,
+                                         num_beams=group_size, constrained=True)
+    depth = trie.num_steps - 2
+    valid = scores > beam.DISALLOWED / 2  # hypotheses that left the trie carry upstream's -1e6
+    sid_ids = sequences[..., :depth]
+    reward = rewards.compute_rewards(reward_type, sid_ids, target_ids, valid)
+    return Rollout(completions=sequences, scores=scores, rewards=reward, advantages=rewards.group_advantages(reward),
+                   hit=rewards.exact_match(sid_ids, target_ids, valid))
+
+
+UPDATE_KEYS = ("prompt_tokens", "prompt_mask", "completions", "advantages", "weights")
+
+
+def make_update(model_cfg, tx: optax.GradientTransformation, mesh, partition_specs, *, beta: float,
+                loss_type: LossType, eos_id: int) -> Callable:
+    """`update(state, batch) -> (state, metrics)`: one optimizer step on a rollout batch laid out as
+    micro-batches [A, p, ...] (p prompts each, split over every device), FSDP through shard_map."""
+    unshard = parallel.make_unshard(partition_specs)
+    row_spec = {k: P(parallel.BATCH_AXES) for k in UPDATE_KEYS}
+
+    def local(params, ref_params, micro_batch):
+        completions = micro_batch["completions"]
+        prompt = (micro_batch["prompt_tokens"], micro_batch["prompt_mask"], completions)
+        logp = token_logps(params, model_cfg, *prompt, unshard=unshard)
+        ref_logp = jax.lax.stop_gradient(token_logps(ref_params, model_cfg, *prompt, unshard=unshard))
+        mask = completion_mask(completions.reshape(-1, completions.shape[-1]), eos_id)
+        loss, kl = objective_terms(logp, ref_logp, micro_batch["advantages"].reshape(-1), mask,
+                                   micro_batch["weights"].reshape(-1), beta=beta, loss_type=loss_type)
+        return jax.lax.psum((loss, kl), parallel.BATCH_AXES)
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(partition_specs, partition_specs, row_spec),
+                            out_specs=(P(), P()))
+
+    def update(state: RLState, batch):
+        micro_batches = {k: batch[k] for k in UPDATE_KEYS}
+        flat_mask = completion_mask(batch["completions"], eos_id)
+        count = jnp.maximum(loss_count(flat_mask.reshape(-1, flat_mask.shape[-1]), batch["weights"].reshape(-1),
+                                       loss_type), 1.0)
+        grad_fn = jax.value_and_grad(lambda params, mb: sharded(params, state.ref_params, mb), has_aux=True)
+
+        def accumulate(carry, micro_batch):
+            loss_sum, kl_sum, grad_sum = carry
+            (loss, kl), grads = grad_fn(state.params, micro_batch)
+            return (loss_sum + loss, kl_sum + kl, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss_sum, kl_sum, grad_sum), _ = jax.lax.scan(
+            accumulate, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros), micro_batches)
+        grads = jax.tree.map(lambda g: g / count, grad_sum)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+        keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        completions = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+        new_state = dataclasses.replace(state, params=keep(new_params, state.params),
+                                        opt_state=keep(opt_state, state.opt_state),
+                                        step=state.step + finite.astype(jnp.int32))
+        return new_state, {"loss": loss_sum / count, "kl": kl_sum / completions, "grad_norm": grad_norm,
+                           "finite": finite}
+
+    return update
+
+
+def sync_reference(state: RLState, alpha: float) -> RLState:
+    """TRL's SyncRefModelCallback: ref <- alpha * policy + (1 - alpha) * ref."""
+    ref = jax.tree.map(lambda p, r: alpha * p + (1.0 - alpha) * r, state.params, state.ref_params)
+    return dataclasses.replace(state, ref_params=ref)
+

@@ -1,0 +1,146 @@
+"""`cli.py rl` end to end on a tiny synthetic SFT run: it trains, logs the GRPO metrics, writes a run
+directory `cli.py eval` reads unchanged; a SIGKILLed run resumes to bitwise the parameters of an
+uninterrupted one; user mistakes end in one line and exit code 2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from tiny import CLI, REPO, TINY_DATA_AND_MODEL
+
+from sidrec import build
+from sidrec.checkpoint import restore_params
+from sidrec.model import qwen2
+
+TIMEOUT_S = 300
+RL_STEPS = 6
+TINY_RL = ["--rl.group-size", "4", "--rl.prompts-per-step", "4", "--rl.micro-batches", "2",
+           "--rl.max-steps", str(RL_STEPS), "--rl.valid-every-steps", "3", "--rl.valid-max-samples", "8",
+           "--optim.lr", "1e-3", "--checkpoint.every-steps", "2", "--checkpoint.keep", "3",
+           "--eval.num-beams", "5", "--eval.max-samples", "16"]
+
+
+def env():
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    return base | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def cli(*args, cwd=REPO):
+    return subprocess.run([*CLI, *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def rl_args(sft_dir, run_dir, *extra):
+    return ["--preset", "demo-rl", "--rl.sft-run-dir", str(sft_dir), "--run-dir", str(run_dir),
+            "--data.root", str(sft_dir / "data"), "--wandb.mode", "disabled", *TINY_RL, *extra]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sft") / "run"
+    done = cli("train", "--preset", "demo", "--run-dir", str(run_dir), *TINY_DATA_AND_MODEL,
+               "--train.global-batch-size", "16", "--train.per-device-batch-size", "16",
+               "--data.valid-max-samples", "16", "--train.max-steps", "20", "--optim.warmup-steps", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def params_of(run_dir, which="last"):
+    _, model_cfg = build.load_run_description(run_dir)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params, step = restore_params(run_dir, qwen2.abstract_params(model_cfg), which, one)
+    return jax.tree.map(np.asarray, params), step
+
+
+def test_rl_trains_logs_and_evaluates(sft_run, tmp_path):
+    run_dir = tmp_path / "rl"
+    done = cli("rl-eval", *rl_args(sft_run, run_dir))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "rl/reward_mean" in r]
+    assert [r["step"] for r in steps] == list(range(1, RL_STEPS + 1))
+    for key in ("rl/reward_std", "rl/group_hit_rate", "rl/zero_advantage_groups", "rl/kl", "rl/completion_length",
+                "rl/rollout_s", "rl/update_s", "rl/grad_norm"):
+        assert key in steps[-1], key
+    assert steps[-1]["rl/completion_length"] == 5  # 3 SID tokens, "\n", EOS
+    assert steps[0]["rl/kl"] == 0 and steps[-1]["rl/kl"] > 0  # the policy leaves its (fixed) reference
+    assert [r["step"] for r in records if "valid/ndcg@4" in r] == [0, 3, 6]
+    # The RL run directory is a sidrec run directory: eval read its best checkpoint and wrote its files.
+    assert (run_dir / "eval_predictions.metrics.json").is_file()
+    assert "SFT start" in done.stdout
+    rl_params, _ = params_of(run_dir)
+    sft_params, _ = params_of(sft_run, "best")
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(rl_params), jax.tree.leaves(sft_params)))
+
+
+def test_sigkill_then_resume_is_bitwise_identical(sft_run, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = cli("rl", *rl_args(sft_run, whole))
+    assert done.returncode == 0, done.stderr[-3000:]
+    process = subprocess.Popen([*CLI, "rl", *rl_args(sft_run, killed)], cwd=REPO, env=env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + TIMEOUT_S
+    while not (killed / "checkpoints" / "2").is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = cli("rl", *rl_args(sft_run, killed))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from step" in done.stdout + done.stderr
+    (a, step_a), (b, step_b) = params_of(whole), params_of(killed)
+    assert step_a == step_b == RL_STEPS
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rl.prompts-per-step", "6", "--rl.micro-batches", "4"], "--rl.prompts-per-step (6) must be a multiple of"),
+    (["--rl.group-size", "1"], "--rl.group-size (1) must be >= 2"),
+    (["--rl.tasks", "sid", "bogus"], "--rl.tasks: unknown"),
+])
+def test_bad_settings_are_one_line(sft_run, tmp_path, extra, message):
+    done = cli("rl", *rl_args(sft_run, tmp_path / "rl", *extra))
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_unknown_reward_type_is_refused(sft_run, tmp_path):
+    done = cli("rl", *rl_args(sft_run, tmp_path / "rl", "--rl.reward-type", "semantic"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "reward-type" in done.stderr
+
+
+def test_sft_run_without_checkpoints_is_one_line(sft_run, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    for name in ("model_config.json",):
+        (empty / name).write_text((sft_run / name).read_text())
+    (empty / "tokenizer").mkdir()
+    for file in (sft_run / "tokenizer").iterdir():
+        (empty / "tokenizer" / file.name).write_text(file.read_text())
+    done = cli("rl", *rl_args(sft_run, tmp_path / "rl", "--rl.sft-run-dir", str(empty)))
+    assert done.returncode == 2 and "no checkpoints" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_no_start_model_is_one_line(sft_run, tmp_path):
+    done = cli("rl", *rl_args(sft_run, tmp_path / "rl"), "--rl.sft-run-dir", "None")
+    assert done.returncode == 2 and "needs a starting model" in done.stderr, done.stderr[-2000:]
+
+
+def test_vocabulary_without_the_catalogue_sids_is_one_line(sft_run, tmp_path):
+    # A catalogue whose SID tokens the SFT model never saw: a different synthetic category.
+    other = tmp_path / "other"
+    done = cli("train", "--preset", "demo", "--run-dir", str(other), *TINY_DATA_AND_MODEL,
+               "--data.synthetic-items", "300", "--train.max-steps", "0", "--train.epochs", "0.01",
+               "--train.global-batch-size", "16", "--train.per-device-batch-size", "16",
+               "--data.valid-max-samples", "8")
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = cli("rl", *rl_args(sft_run, tmp_path / "rl"), "--data.root", str(other / "data"))
+    assert done.returncode == 2 and "SID tokens" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
