@@ -25,3 +25,7 @@ bench *ARGS:
 # Lint with ruff when it is installed (pip install ruff).
 lint:
     python -m ruff check sidrec presets bench tests cli.py
+
+# GRPO on the demo's SFT run (run `just demo` first): test metrics next to the SFT start's.
+demo-rl *ARGS:
+    python cli.py rl-eval --preset demo-rl "$@"

@@ -1,5 +1,6 @@
-"""GRPO as MiniOneRec's ReReTrainer computes it, as pure functions: completion rows, token log-probs,
-the per-token objective, and the jitted rollout and update over one mesh and one copy of the weights.
+"""GRPO as MiniOneRec's ReReTrainer computes it, as pure functions: token log-probs of a group's
+completions (its prompt run once), the per-token objective, and the rollout and update that run jitted
+over one mesh and one copy of the weights.
 
 Per prompt, a group is the G best hypotheses of a trie-constrained beam search (upstream: HF generate with
 num_beams = num_return_sequences = G, length penalty 0, its constraint processor): sidrec.decode.beam's

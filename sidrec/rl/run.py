@@ -53,10 +53,15 @@ def prompt_set(examples: list[rl_data.RLExample]) -> PromptSet:
                      [e.task for e in examples])
 
 
-def prompt_batch(prompts: PromptSet, ids: np.ndarray, max_prompt_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Left-padded prompts [P, bucket] (each keeps its last `max_prompt_len` tokens, as TRL) + targets."""
+def prompt_length(prompts: PromptSet, ids: np.ndarray, max_prompt_len: int) -> int:
+    """The padded length of these prompts (one length bucket per step: its micro-batches stack)."""
+    return evaluate.bucket_length(max(min(len(prompts.prompt_ids[i]), max_prompt_len) for i in ids))
+
+
+def prompt_batch(prompts: PromptSet, ids: np.ndarray, max_prompt_len: int, pad_id: int, length: int
+                 ) -> dict[str, np.ndarray]:
+    """Left-padded prompts [P, length] (each keeps its last `max_prompt_len` tokens, as TRL) + targets."""
     rows = [prompts.prompt_ids[i][-max_prompt_len:] for i in ids]
-    length = evaluate.bucket_length(max(len(r) for r in rows))
     tokens = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
     for i, row in enumerate(rows):
@@ -182,9 +187,9 @@ def run_rl(cfg: Config) -> dict:
         return parallel.global_batch(mesh, {k: v[mine] for k, v in batch.items()}, row_axis=0)
 
     def rollout_batches(prompts: PromptSet, ids: np.ndarray, params):
-        outs = []
+        outs, length = [], prompt_length(prompts, ids, r.max_prompt_len)
         for start in range(0, len(ids), per_call):
-            b = to_device(prompt_batch(prompts, ids[start:start + per_call], r.max_prompt_len, tokenizer.pad_id))
+            b = to_device(prompt_batch(prompts, ids[start:start + per_call], r.max_prompt_len, tokenizer.pad_id, length))
             outs.append((b, rollout(params, b["prompt_tokens"], b["prompt_mask"], b["target_ids"])))
         return outs
 
