@@ -27,7 +27,6 @@ Reductions over the K kept completions (weight != 0), n_i = tokens of completion
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -314,11 +313,11 @@ _token_logps = jax.jit(lambda params, tokens, mask, comps: grpo.token_logps(para
 def test_token_logps_equal_forward_on_each_unpadded_sequence():
     rng = np.random.default_rng(1)
     params = params_for(0)
-    tokens, mask = left_padded_prompts(rng, [7, 4, 2, 1], S=7)
-    comps = random_completions(rng, (4, 3, 5))
+    tokens, mask = left_padded_prompts(rng, [7, 3, 1], S=7)
+    comps = random_completions(rng, (3, 3, 5))
     got = np.asarray(_token_logps(params, tokens, mask, comps))
     want = np.asarray(per_sequence_logps(params, tokens, mask, comps))
-    assert got.dtype == np.float32 and got.shape == (12, 5)
+    assert got.dtype == np.float32 and got.shape == (9, 5)
     np.testing.assert_allclose(got, want, rtol=0, atol=LOGP_TOL)
     # the one-forward reference the update tests use computes the same thing
     np.testing.assert_allclose(np.asarray(right_padded_logps(params, tokens, mask, comps)), want, rtol=0,
@@ -370,7 +369,12 @@ def tree_rel(a, b):
 
 @pytest.fixture(scope="module")
 def policy_and_reference():
-    return params_for(0), params_for(1)  # different weights: the KL term and its gradient are non-zero
+    """A policy and a reference a little away from it (as after some RL steps), so the
+    advantage term and the KL term both shape the gradient (mean sequence KL ~0.05)."""
+    policy = params_for(0)
+    rng = np.random.default_rng(7)
+    reference = jax.tree.map(lambda x: x + 0.01 * rng.standard_normal(x.shape).astype(np.float32), policy)
+    return policy, reference
 
 
 @pytest.fixture(scope="module")
@@ -396,35 +400,34 @@ def transcription(policy_and_reference):
     return {k: (float(loss), float(kl), jax.tree.map(np.asarray, g)) for k, (loss, kl, g) in out.items()}
 
 
-@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
-def test_update_applies_gradient_of_transcribed_loss(loss_type, policy_and_reference, transcription):
+SGD = optax.sgd(1.0)
+
+
+# grpo and dapo read the applied gradient exactly (CAPTURE_GRADIENT); gspo through optax.sgd(1.0) as
+# params - new_params (one compilation each; gspo's own formula is covered by the objective tests above).
+@pytest.mark.parametrize("loss_type, tx", [("grpo", CAPTURE_GRADIENT), ("dapo", CAPTURE_GRADIENT), ("gspo", SGD)],
+                         ids=["grpo-capture", "dapo-capture", "gspo-sgd"])
+def test_update_applies_gradient_of_transcribed_loss(loss_type, tx, policy_and_reference, transcription):
     params, ref_params = policy_and_reference
     want_loss, want_kl, want_grads = transcription[loss_type]
-    tx = CAPTURE_GRADIENT
     state, metrics = one_device_update(tx, loss_type)(initial_state(tx, params, ref_params), update_batch())
-    rel = tree_rel(state.opt_state, want_grads)
+    if tx is SGD:
+        # new = params - g rounded to fp32 adds <= ulp(|params| + |g|) ~ 1e-7 per element on top of the
+        # gradient's own difference: well inside the same 1e-5 bound.
+        applied = jax.tree.map(lambda old, new: np.asarray(old, np.float64) - np.asarray(new, np.float64),
+                               params, state.params)
+    else:
+        applied = state.opt_state
+    rel = tree_rel(applied, want_grads)
     assert rel <= GRAD_REL_TOL, f"{loss_type}: applied gradient differs from jax.grad of upstream's loss: {rel:.2e}"
     np.testing.assert_allclose(float(metrics["loss"]), want_loss, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["kl"]), want_kl, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.global_norm(want_grads)), rtol=1e-5)
     assert bool(metrics["finite"]) and int(state.step) == 1
-    assert want_kl > 1e-3 and float(optax.global_norm(want_grads)) > 1e-2
+    assert want_kl > 1e-3 and float(optax.global_norm(want_grads)) > 1e-2  # not a comparison of zeros
     # the reference is read, not trained
     for got, ref in zip(jax.tree.leaves(state.ref_params), jax.tree.leaves(ref_params)):
         np.testing.assert_array_equal(np.asarray(got), ref)
-
-
-def test_update_with_sgd_moves_params_by_minus_gradient(policy_and_reference, transcription):
-    params, ref_params = policy_and_reference
-    _, _, want_grads = transcription["grpo"]
-    tx = optax.sgd(1.0)
-    state, _ = one_device_update(tx, "grpo")(initial_state(tx, params, ref_params), update_batch())
-    step = jax.tree.map(lambda old, new: np.asarray(old, np.float64) - np.asarray(new, np.float64),
-                        params, state.params)
-    # new = params - g rounded to fp32 adds <= ulp(|params| + |g|) per element on top of the gradient's own
-    # difference; measured ~1e-7 relative globally, bound at 1e-5 like the gradient itself.
-    rel = tree_rel(step, want_grads)
-    assert rel <= GRAD_REL_TOL, f"params - new_params differs from the transcription's gradient: {rel:.2e}"
 
 
 def test_update_with_adamw_from_build_optimizer(policy_and_reference, transcription):
@@ -447,11 +450,17 @@ def test_update_with_adamw_from_build_optimizer(policy_and_reference, transcript
                if hasattr(x, "mu")]
     assert len(mu) == 1
     assert tree_rel(mu[0], want_mu[0]) <= GRAD_REL_TOL  # (1 - b1) * clipped gradient: linear in the gradient
-    # Adam's first step is ~lr * g / |g| per element, insensitive to the gradient's rounding except where
-    # |g| ~ eps; bound the parameter difference at 1% of lr.
-    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-               for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_params)))
-    assert diff <= 1e-2 * cfg.lr, diff
+    # Adam's first step is lr * g / (|g| + eps) per element (g clipped): where |g| >> eps its sensitivity to the
+    # gradient's rounding, lr * eps * |dg| / g^2, is < 1e-8 for |g| > 1e-5; elements nearer 0 (where the two fp32
+    # gradients differ by their absolute rounding, ~1e-7, i.e. in relative terms a lot) only get the trivial bound.
+    scale = float(optax.global_norm(want_grads))
+    clipped = jax.tree.map(lambda g: g / max(1.0, scale / cfg.clip_norm), want_grads)
+    diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                           for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_params))])
+    large = np.concatenate([np.abs(g).ravel() > 1e-5 for g in jax.tree.leaves(clipped)])
+    assert large.mean() > 0.9, large.mean()  # the bound below covers most parameters
+    assert diff[large].max() <= 1e-3 * cfg.lr, diff[large].max()
+    assert diff.max() <= 2.5 * cfg.lr, diff.max()
     moved = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(jax.tree.leaves(state.params),
                                                                           jax.tree.leaves(params)))
     assert moved > 0.5 * cfg.lr
