@@ -380,8 +380,9 @@ def policy_and_reference():
 @pytest.fixture(scope="module")
 def transcription(policy_and_reference):
     """loss_type -> (loss, kl, grads) of the upstream transcription on update_batch(): per-token log-probs from
-    qwen2.forward on every sequence in its own row from position 0 (right_padded_logps), the loss on them, and the chain rule by hand (one jax.vjp of the
-    log-probs, pulled back with jax.grad of each loss), all in one jit so the model compiles once."""
+    qwen2.forward on every sequence in its own row from position 0 (right_padded_logps), the loss on them,
+    and the chain rule by hand (one jax.vjp of the log-probs, pulled back with jax.grad of each loss), all
+    in one jit so the model compiles once."""
     batch = update_batch()
     prompts = flat_prompts(batch)
 
