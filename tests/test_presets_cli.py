@@ -12,7 +12,8 @@ from presets import all_presets, get_preset
 from sidrec.config import ConfigError, replace
 
 REPO = Path(__file__).parents[1]
-SEED_RECIPES = [name for name in all_presets() if "v6e" in name or "v4" in name]
+SEED_RECIPES = [name for name in all_presets() if ("v6e" in name or "v4" in name) and "grpo" not in name]
+GRPO_RECIPES = [name for name in all_presets() if "grpo" in name]
 
 
 def test_every_preset_parses_and_validates():
@@ -39,6 +40,18 @@ def test_seed_recipes_fill_a_global_batch_of_1024(name):
     assert cfg.optim.warmup_steps == 20 and cfg.optim.schedule == "linear"
     expected = {"industrial-v4-8-muon": (4, 16), "industrial-v6e16-muon": (16, 4), "office-v6e16-muon": (16, 4)}
     assert (cfg.expected_devices, grad_accum) == expected.get(name, (8, 8))
+
+
+@pytest.mark.parametrize("name", GRPO_RECIPES)
+def test_grpo_recipes_are_upstream_rl_sh(name):
+    cfg = get_preset(name)
+    r, o = cfg.rl, cfg.optim
+    # 8 devices x 4 prompts x accumulation 2 = 64 prompts, x 16 beams = 1024 completions a step.
+    assert cfg.expected_devices == 8 and r.prompts_per_step // r.micro_batches // cfg.expected_devices == 4
+    assert r.micro_batches == 2 and r.prompts_per_step * r.group_size == 1024
+    assert (o.name, o.lr, o.schedule, o.warmup_ratio, o.clip_norm) == ("adamw", 1e-5, "cosine", 0.03, 0.3)
+    assert (r.beta, r.reward_type, r.epochs, r.ref_sync_steps, r.ref_sync_alpha) == (1e-3, "ranking", 2, 512, 0.6)
+    assert r.sft_run_dir and cfg.model.dtype == "bfloat16"
 
 
 def test_overrides_reach_every_group():

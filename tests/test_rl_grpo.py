@@ -53,12 +53,15 @@ CFG = qwen2.Qwen2Config(vocab_size=64, real_vocab_size=60, hidden_size=32, inter
 # rtol 1e-5 leaves a 10x margin, while any formula slip (a missing mask, a wrong denominator, a dropped KL
 # term) moves values by > 1e-2. atol only covers gradient entries that cancel to ~0 (-A + beta*(1-e^d)).
 OBJ_RTOL, OBJ_ATOL = 1e-5, 1e-7
-# Log-probs: the same fp32 model on padded rows (masked keys, shifted rows) vs unpadded rows; measured ~1e-6
-# on log-probs of magnitude ~5.
+# Log-probs: the same fp32 model on left-padded rows with the prompt's K/V shared by its group vs each sequence
+# alone; measured max |diff| 2.9e-6 on log-probs spanning -9.6 .. -0.7.
 LOGP_TOL = 1e-5
-# The update's gradient vs jax.grad of the transcription: both fp32, different reduction orders and shapes.
+# The update's gradient vs jax.grad of the transcription: both fp32, different reduction orders and shapes;
+# measured ||diff|| / ||grad|| 1.1e-6 (grpo, dapo, gspo). A dropped KL term moves it by 3e-2, dapo's token count
+# replaced by a completion count by 2e-1.
 GRAD_REL_TOL = 1e-5
-# Accumulation: A=2 micro-batches vs A=1 on the same rows, identical per-row arithmetic, only summation order.
+# Accumulation: A=2 micro-batches vs A=1 on the same rows, identical per-row arithmetic, only summation order;
+# measured 6e-8.
 ACCUM_REL_TOL = 1e-6
 
 
@@ -329,7 +332,7 @@ def test_token_logps_equal_forward_on_each_unpadded_sequence():
 # 4. The update
 
 
-def update_batch(seed=2, A=2, p=2, S=6, G=3, C=4):
+def update_batch(seed=3, A=2, p=2, S=6, G=3, C=4):
     rng = np.random.default_rng(seed)
     tokens, mask = left_padded_prompts(rng, rng.integers(1, S + 1, A * p), S)
     comps = random_completions(rng, (A * p, G, C))
