@@ -88,6 +88,12 @@ class Checkpointer:
             options=_manager_options(keep_last, keep_best, best_metric, mode),
             handler_registry=_handler_registry(),
         )
+        # Orbax cleans up half-written tmp directories in a thread started here and never waits for it
+        # on close(): a process that exits right after (an early user error) died in that thread at
+        # interpreter shutdown. The cleanup is a directory listing; wait for it now.
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     @property
     def directory(self) -> epath.Path:
