@@ -484,6 +484,24 @@ def test_micro_batch_accumulation_does_not_change_the_update(policy_and_referenc
         np.testing.assert_allclose(float(m2[key]), float(m1[key]), rtol=ACCUM_REL_TOL)
 
 
+def test_compiled_rl_steps_compile_once_and_keep_their_layout():
+    """init -> update -> sync -> update: one compilation each (the state keeps one layout; a second
+    compilation of a real model's update costs as much as a step), and the reference gets its own buffers."""
+    mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=1), jax.devices()[:1])
+    specs = parallel.param_partition_specs(qwen2.param_specs(CFG), 1)
+    steps = grpo.compile_rl(CFG, optax.adam(1e-3), mesh, specs, beta=BETA, loss_type="grpo", eos_id=EOS,
+                            ref_sync_alpha=0.6)
+    state = steps.init_state(params_for(0))
+    batch = update_batch()
+    for _ in range(2):
+        state, _ = steps.update(state, batch)
+        state = steps.sync_reference(state)
+    assert steps.update._cache_size() == 1 and steps.sync_reference._cache_size() == 1
+    assert int(state.step) == 2
+    assert jax.tree.structure(steps.abstract_state) == jax.tree.structure(state)
+    assert all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(steps.abstract_state), jax.tree.leaves(state)))
+
+
 # ----------------------------------------------------------------------------------------------------
 # 5. Reference sync
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidrec import parallel
 from sidrec.decode import beam
@@ -144,6 +144,12 @@ def rollout(params, prompt_tokens, prompt_mask, target_ids, *, model_cfg, trie: 
                    hit=rewards.exact_match(sid_ids, target_ids, valid))
 
 
+def init_state(params, tx: optax.GradientTransformation) -> RLState:
+    """Step 0: the reference is the starting policy (jit it, so the state has the update's own layout
+    and the reference its own buffers)."""
+    return RLState(params=params, opt_state=tx.init(params), ref_params=params, step=jnp.zeros((), jnp.int32))
+
+
 UPDATE_KEYS = ("prompt_tokens", "prompt_mask", "completions", "advantages", "weights")
 
 
@@ -202,4 +208,32 @@ def sync_reference(state: RLState, alpha: float) -> RLState:
     """TRL's SyncRefModelCallback: ref <- alpha * policy + (1 - alpha) * ref."""
     ref = jax.tree.map(lambda p, r: alpha * p + (1.0 - alpha) * r, state.params, state.ref_params)
     return dataclasses.replace(state, ref_params=ref)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledRL:
+    """The jitted state functions of a run, all with one state layout (so nothing compiles twice)."""
+
+    init_state: Callable      # params -> RLState
+    update: Callable          # (state, batch) -> (state, metrics); donates the state
+    sync_reference: Callable  # state -> state; donates the state
+    abstract_state: RLState   # ShapeDtypeStructs with shardings (what a checkpoint restores into)
+
+
+def compile_rl(model_cfg, tx: optax.GradientTransformation, mesh, partition_specs, *, beta: float,
+               loss_type: LossType, eos_id: int, ref_sync_alpha: float) -> CompiledRL:
+    param_shardings = parallel.shardings(mesh, partition_specs)
+    init = partial(init_state, tx=tx)
+    abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                   qwen2.abstract_params(model_cfg), param_shardings)
+    state_shardings = jax.jit(init).lower(abstract_params).compile().output_shardings
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  jax.eval_shape(init, abstract_params), state_shardings)
+    update = make_update(model_cfg, tx, mesh, partition_specs, beta=beta, loss_type=loss_type, eos_id=eos_id)
+    return CompiledRL(
+        init_state=jax.jit(init, in_shardings=(param_shardings,), out_shardings=state_shardings),
+        update=jax.jit(update, donate_argnums=0, out_shardings=(state_shardings, NamedSharding(mesh, P()))),
+        sync_reference=jax.jit(partial(sync_reference, alpha=ref_sync_alpha), donate_argnums=0,
+                               out_shardings=state_shardings),
+        abstract_state=abstract_state)
 

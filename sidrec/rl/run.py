@@ -169,16 +169,12 @@ def run_rl(cfg: Config) -> dict:
     say(f"model: {source}, {qwen2.count_params(model_cfg):,} parameters, compute {model_cfg.compute_dtype}")
 
     partition_specs = parallel.param_partition_specs(qwen2.param_specs(model_cfg), mesh.shape[parallel.FSDP])
-    param_shardings = parallel.shardings(mesh, partition_specs)
     tx, optimizer_info = optim.build_optimizer(cfg.optim, qwen2.flat_specs(model_cfg), total_steps)
     trie = trie_lib.build_trie(catalogue.sid_tokens_of.values(), tokenizer)
     rollout = jax.jit(partial(grpo.rollout, model_cfg=model_cfg, trie=trie, group_size=r.group_size,
                               reward_type=r.reward_type))
-    update = jax.jit(grpo.make_update(model_cfg, tx, mesh, partition_specs, beta=r.beta, loss_type=r.loss_type,
-                                      eos_id=tokenizer.eos_id), donate_argnums=0)
-    init_state = jax.jit(lambda p: grpo.RLState(params=p, opt_state=tx.init(p), ref_params=p,
-                                                step=jnp.zeros((), jnp.int32)))
-    sync = jax.jit(partial(grpo.sync_reference, alpha=r.ref_sync_alpha), donate_argnums=0)
+    steps = grpo.compile_rl(model_cfg, tx, mesh, partition_specs, beta=r.beta, loss_type=r.loss_type,
+                            eos_id=tokenizer.eos_id, ref_sync_alpha=r.ref_sync_alpha)
 
     def to_device(batch: dict) -> dict:
         """This process's rows of a batch every process built whole -> global arrays over all devices."""
@@ -206,17 +202,12 @@ def run_rl(cfg: Config) -> dict:
     checkpoints = Checkpointer(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep, best_metric=BEST_METRIC,
                                mode="max")
     latest = checkpoints.latest_step()
-    abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   qwen2.abstract_params(model_cfg), param_shardings)
     if latest is not None:
-        abstract = jax.eval_shape(init_state, abstract_params)
-        shardings = jax.jit(init_state).lower(abstract_params).compile().output_shardings
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        state, meta = checkpoints.restore(latest, abstract)
+        state, meta = checkpoints.restore(latest, steps.abstract_state)
         loader.epoch, loader.step_in_epoch = meta["loader"]["epoch"], meta["loader"]["step_in_epoch"]
         best = meta["best"]
     else:
-        state, best = init_state(params), {"metric": -math.inf, "step": -1}
+        state, best = steps.init_state(params), {"metric": -math.inf, "step": -1}
     del params
     step = int(jax.device_get(state.step))
     logger = RunLogger(dataclasses.asdict(cfg), run_dir, is_main=is_main, wandb_mode=cfg.wandb.mode,
@@ -236,12 +227,12 @@ def run_rl(cfg: Config) -> dict:
             outs = rollout_batches(train, loader.next_ids(), state.params)
             jax.block_until_ready(outs)
             t1 = time.perf_counter()
-            batch = _update_batch(outs, r.dynamic_sampling)
-            state, metrics = update(state, batch)
+            batch = update_batch(outs, r.dynamic_sampling)
+            state, metrics = steps.update(state, batch)
             step += 1
             if r.ref_sync_steps and step % r.ref_sync_steps == 0:
-                state = sync(state)
-            metrics = jax.device_get({**metrics, **_rollout_metrics(outs, tokenizer.eos_id)})
+                state = steps.sync_reference(state)
+            metrics = jax.device_get({**metrics, **rollout_metrics(outs, tokenizer.eos_id)})
             t2 = time.perf_counter()
             if step > 1:  # the first step's times are mostly compilation
                 rollout_s, update_s = rollout_s + t1 - t0, update_s + t2 - t1
@@ -280,7 +271,7 @@ def run_rl(cfg: Config) -> dict:
     return summary
 
 
-def _update_batch(outs, dynamic_sampling: bool) -> dict:
+def update_batch(outs, dynamic_sampling: bool) -> dict:
     """Rollout outputs of each micro-batch -> the update's [A, p, ...] arrays (weights 0 drop groups)."""
     def stack(values):
         return jnp.stack(values)
@@ -295,7 +286,7 @@ def _update_batch(outs, dynamic_sampling: bool) -> dict:
             "advantages": advantages, "weights": weights}
 
 
-def _rollout_metrics(outs, eos_id: int) -> dict:
+def rollout_metrics(outs, eos_id: int) -> dict:
     rewards = jnp.concatenate([out.rewards for _, out in outs])
     advantages = jnp.concatenate([out.advantages for _, out in outs])
     hit = jnp.concatenate([out.hit for _, out in outs])
