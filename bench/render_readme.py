@@ -127,26 +127,63 @@ def scale_section(r: dict) -> list[str]:
             + ", ".join(f"{x:.1f}x at {u}" for u, x in res["speedup_over_seed_at"].items()) + " utilisation.", ""]
 
 
+def rl_section(r: dict) -> list[str]:
+    side, est = r["results"]["side_by_side"], r["results"]["v6e8_estimate"]
+    out = ["### RL step: GRPO rollout and update", "",
+           f"Model: {r['settings']['model']}; {r['settings']['category']} RL prompts (upstream's SidDataset on "
+           "train), 16 completions each; AdamW, beta 1e-3. Torch: transformers `generate` (16 beams, upstream's "
+           "processor, rewards on decoded strings), then policy and reference over every completion with its own "
+           "prompt (TRL's `_get_per_token_logps`), loss, backward, clip, AdamW. Update tokens count every "
+           "completion's sequence (prompt + completion), the same on both sides.", ""]
+    if side:
+        out += [common.table([
+            {"what": "sidrec (`grpo.rollout` one jit; update runs each prompt once per group)",
+             "pps": side["rollout_prompts_per_s"]["ours"], "tps": side["update_tokens_per_s"]["ours"]},
+            {"what": "TRL-style torch", "pps": side["rollout_prompts_per_s"]["torch"],
+             "tps": side["update_tokens_per_s"]["torch"]},
+        ], [("what", f"same {side['prompts']} prompts x {side['group']}, median of {side['repeats']}", ""),
+            ("pps", "rollout prompts/s", ".2f"), ("tps", "update tokens/s", ",.0f")]), "",
+            f"Rollout **{side['rollout_speedup']:.1f}x**, update **{side['update_speedup']:.1f}x**, whole step "
+            f"**{side['step_speedup']:.1f}x**; the two roll out the same groups for {side['same_groups']:.0%} of "
+            f"the prompts. First call (compilation): rollout {side['ours_first_rollout_s']:.1f} s, update "
+            f"{side['ours_first_update_s']:.1f} s.", ""]
+    p = est["prompts"]
+    out += [f"v6e-8 estimate, one upstream-sized step ({p['prompts_per_step']} prompts x {p['group']} completions, "
+            f"Qwen2.5-1.5B, prompts padded to {p['mean_bucket']:.0f} tokens on average, "
+            f"{est['completion_tokens']:.0f} completion tokens): rollout {est['rollout_flops'] / 1e12:.0f} TFLOP "
+            f"plus {est['completion_tokens']:.0f} decode steps bound by reading and all-gathering the weights "
+            f"(>= {est['decode_bound_s'] * 1e3:.0f} ms), update {est['update_flops'] / 1e12:.0f} TFLOP (a TRL-style "
+            f"update, every completion with its own prompt: {est['trl_update_flops'] / 1e12:.0f} TFLOP, "
+            f"{est['update_work_ratio_trl_over_ours']:.1f}x); step "
+            + ", ".join(f"{t:.2f} s at {u}" for u, t in est["step_s_at"].items()) + " utilisation.", ""]
+    return out
+
+
 def machine_line(results: list[dict]) -> str:
-    m = results[0]["machine"]
-    dates = sorted(r["machine"]["date"] for r in results)
-    versions = ", ".join(f"{k} {m[k]}" for k in ("jax", "torch", "transformers") if k in m)
-    loads = ", ".join(str(r["machine"]["load_average_1m"]) for r in results)
-    return (f"Measured on {m['cpu']} ({m['cores']} cores; 1-minute load average {loads} as each result was "
-            f"written), {versions}, {dates[0][:10]}; figures are medians. `just bench` regenerates this section "
+    machines = [r["machine"] for r in results]
+
+    def values(key: str) -> str:  # results may come from different days and package versions
+        return " / ".join(dict.fromkeys(str(m[key]) for m in machines if key in m))
+
+    dates = sorted(m["date"][:10] for m in machines)
+    versions = ", ".join(f"{k} {values(k)}" for k in ("jax", "torch", "transformers") if values(k))
+    loads = ", ".join(str(m["load_average_1m"]) for m in machines)
+    when = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+    return (f"Measured on {values('cpu')} ({values('cores')} cores; 1-minute load average {loads} as each result "
+            f"was written), {versions}, {when}; figures are medians. `just bench` regenerates this section "
             "from bench/results/*.json.")
 
 
 def render() -> str:
     results = {name: common.read_result(name) for name in ("eval_speed", "train_speed", "muon_overhead",
-                                                           "scale_estimate")}
+                                                           "scale_estimate", "rl_speed")}
     present = [r for r in results.values() if r]
     if not present:
         return "No benchmark results yet: run `just bench`."
     out = ["## Performance", "", machine_line(present), ""]
     out += goals(results["eval_speed"], results["train_speed"])
     sections = (("eval_speed", eval_section), ("train_speed", train_section), ("muon_overhead", muon_section),
-                ("scale_estimate", scale_section))
+                ("scale_estimate", scale_section), ("rl_speed", rl_section))
     for name, section in sections:
         if results[name]:
             out += section(results[name])

@@ -116,7 +116,7 @@ class TorchStep:
         self.prompt_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         self.targets = ["".join(tokens) for tokens in _target_tokens(prompts, ids, ours)]
         self.torch, self.upstream = torch, upstream
-        self.completion_ids = self.advantages = self.loss = None
+        self.completion_ids = self.advantages = None
 
     def rollout(self):
         torch = self.torch
@@ -161,7 +161,6 @@ class TorchStep:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), UPSTREAM_OPTIM.clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        self.loss = float(loss)
 
     def completions(self) -> list[list[tuple[int, ...]]]:
         ids, mask = self.completion_ids.numpy(), self.completion_mask().numpy()
@@ -187,7 +186,7 @@ def _python_advantages(completions: list[str], target: str) -> np.ndarray:
 
 
 def side_by_side(repeats: int) -> dict:
-    """Both from the same weights: first rollout (ours compiles) and update compared, then timed alternately."""
+    """Both from the same weights: the first rollouts compared (ours compiles), then timed alternately."""
     ours_data, prompts = load()
     ids = np.arange(PROMPTS_PER_CALL)
     ours, theirs = OurStep(ours_data, prompts, ids), TorchStep(ours_data, prompts, ids)
@@ -196,7 +195,6 @@ def side_by_side(repeats: int) -> dict:
     same_groups = float(np.mean([a == b for a, b in zip(ours.completions(), theirs.completions())]))
     first_update_s = common.seconds(ours.update)
     theirs.update()
-    first_loss = {"ours": float(ours.metrics["loss"]), "torch": theirs.loss}
     times = common.alternate({"ours_rollout": ours.rollout, "torch_rollout": theirs.rollout,
                               "ours_update": ours.update, "torch_update": theirs.update}, repeats)
     ours_mask = np.asarray(grpo.completion_mask(ours.out.completions, ours.eos))
@@ -208,7 +206,7 @@ def side_by_side(repeats: int) -> dict:
     return {
         "prompts": PROMPTS_PER_CALL, "group": GROUP, "repeats": repeats, "times_s": times,
         "ours_first_rollout_s": first_rollout_s, "ours_first_update_s": first_update_s,
-        "same_groups": same_groups, "first_loss": first_loss, "update_sequence_tokens": tokens,
+        "same_groups": same_groups, "update_sequence_tokens": tokens,
         "completion_tokens": float(ours_mask.sum() / (PROMPTS_PER_CALL * GROUP)),
         "rollout_prompts_per_s": rollout_pps, "update_tokens_per_s": update_tps,
         "rollout_speedup": rollout_pps["ours"] / rollout_pps["torch"],
@@ -282,8 +280,7 @@ def report(side: dict | None, est: dict) -> str:
         lines += [common.table(rows, [("what", f"{side['prompts']} prompts x {side['group']}", ""),
                                       ("pps", "rollout prompts/s", ".2f"), ("tps", "update tokens/s", ",.0f")]),
                   f"rollout {side['rollout_speedup']:.1f}x, update {side['update_speedup']:.1f}x, whole step "
-                  f"{side['step_speedup']:.1f}x; same groups {side['same_groups']:.0%}; first loss "
-                  f"{side['first_loss']['ours']:.3e} vs {side['first_loss']['torch']:.3e}"]
+                  f"{side['step_speedup']:.1f}x; same groups {side['same_groups']:.0%}"]
     lines.append(f"v6e-8, {est['prompts']['prompts_per_step']} prompts x {est['prompts']['group']}: rollout "
                  f"{est['rollout_flops'] / 1e12:.0f} TFLOP + decode >= {est['decode_bound_s'] * 1e3:.0f} ms, update "
                  f"{est['update_flops'] / 1e12:.0f} TFLOP (TRL-style {est['trl_update_flops'] / 1e12:.0f}); step "

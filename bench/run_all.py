@@ -22,6 +22,7 @@ BENCHES = {
     "train_speed": ((), ("--repeats", "1", "--sweep-repeats", "1", "--examples-sweep", "8",
                          "--seq-len-sweep", "512")),
     "muon_overhead": ((), ("--repeats", "1")),
+    "rl_speed": ((), ("--repeats", "1")),
 }
 
 
