@@ -8,20 +8,31 @@ Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it when 
 commit marker on GCS), so a save that crashed half-way is never listed; leftover temporary
 directories are deleted when a `Checkpointer` opens the directory. Paths are local or gs://.
 
+Intact: Orbax's commit (the rename) says a step was written to the end; it cannot say the files
+are still what was written. So each save also stores, in meta, a 32-bit fingerprint of every array
+(its bits times odd position weights, summed with wrap-around: exact integer arithmetic, so it does
+not depend on the sharding or the reduction order), and every restore recomputes and compares it.
+`restore_latest` walks back from the newest step past damaged ones (unreadable, truncated, missing
+files, wrong fingerprint), renames each to `<step>.damaged` (Orbax ignores such names) and warns.
+
 Multi-process: every process constructs the `Checkpointer` and calls `save`/`restore` with the
 same arguments at the same steps; Orbax coordinates who writes what.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import operator
+import shutil
 import signal
+import sys
 from typing import Any, Literal, Self
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -43,6 +54,14 @@ class CheckpointMismatchError(CheckpointError):
     """The stored state differs in structure, shape or dtype from the tree it is restored into."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A committed step that cannot be read back as it was written (truncated, missing, altered files)."""
+
+
+class DiskFullError(CheckpointError):
+    """A save ran out of space; the steps saved before it are intact."""
+
+
 class _DropMissingMetricWarning(logging.Filter):
     """Orbax warns on every save without a metric; periodic saves between validations have none."""
 
@@ -54,6 +73,7 @@ logging.getLogger("absl").addFilter(_DropMissingMetricWarning())
 
 _MAX_LISTED_MISMATCHES = 20
 RANKING_FILE = "ranking.json"
+FINGERPRINT_KEY = "_fingerprint"  # in meta: {leaf name: uint32 fingerprint of its array}
 
 
 class Checkpointer:
@@ -65,6 +85,8 @@ class Checkpointer:
     export) ranks by what is recorded there (default: valid_loss, min), so "best" of an SFT run
     (lowest validation loss) and of an RL run (highest validation NDCG) both mean what their run meant.
     """
+
+    _saving: tuple[int, int] | None = None  # (step, bytes) of the last save started
 
     def __init__(
         self,
@@ -129,10 +151,17 @@ class Checkpointer:
                     f"step {step}: {self._best_metric}={metric} is not finite; a diverged state "
                     "must not be saved or ranked")
             metrics = {self._best_metric: metric}
+        meta = {**meta, FINGERPRINT_KEY: fingerprints(state)}
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
-        # force: the caller decides when to save; Orbax would otherwise skip steps older than the
-        # latest one (e.g. after resuming from an explicitly chosen earlier checkpoint).
-        return self._manager.save(step, args=args, metrics=metrics, force=True)
+        try:
+            # force: the caller decides when to save; Orbax would otherwise skip steps older than the
+            # latest one (e.g. after resuming from an explicitly chosen earlier checkpoint).
+            started = self._manager.save(step, args=args, metrics=metrics, force=True)
+        except Exception as error:  # also a failure of the previous async save, raised here
+            self._raise_if_disk_full(error)
+            raise
+        self._saving = (step, _nbytes(state))
+        return started
 
     def restore(self, step: int, abstract_state: PyTree, *,
                 partial: bool = False) -> tuple[PyTree, dict]:
@@ -144,21 +173,60 @@ class Checkpointer:
         """
         self._require_step(step)
         _check_shardings(abstract_state)
-        stored = self._manager.item_metadata(step)["state"].tree
+        step_dir = self._directory / str(step)
+        with _damage_reported(step_dir):
+            stored = self._manager.item_metadata(step)["state"].tree
         mismatches = _mismatches(stored, abstract_state, partial=partial)
         if mismatches:
-            raise CheckpointMismatchError(_mismatch_message(self._directory / str(step), mismatches))
+            raise CheckpointMismatchError(_mismatch_message(step_dir, mismatches))
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args,
-                                         partial_restore=partial),
-            meta=ocp.args.JsonRestore(),
-        ))
-        return restored["state"], restored["meta"]
+        with _damage_reported(step_dir):
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args,
+                                             partial_restore=partial),
+                meta=ocp.args.JsonRestore(),
+            ))
+        state, meta = restored["state"], restored["meta"]
+        if not isinstance(meta, dict):
+            raise DamagedCheckpointError(f"{step_dir}: meta is not a JSON object")
+        _verify_fingerprints(step_dir, state, meta.pop(FINGERPRINT_KEY, None))
+        return state, meta
+
+    def restore_latest(self, abstract_state: PyTree, *, say=None) -> tuple[int, PyTree, dict] | None:
+        """`(step, state, meta)` of the newest intact step, None when there is no step at all.
+
+        Damaged steps newer than it are renamed `<step>.damaged` (so the run can save that step
+        again) and reported through `say` (default: stderr, process 0). When every step is damaged
+        nothing is renamed and one `DamagedCheckpointError` names the directory and each reason.
+        """
+        say = say or _warn
+        damaged = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, abstract_state)
+                reason = None
+            except DamagedCheckpointError as error:
+                reason = str(error)
+            if _all_processes_agree(reason is None):
+                self._set_aside([s for s, _ in damaged])
+                for s, why in damaged:
+                    say(f"warning: checkpoint step {s} is damaged and was moved to {s}.damaged; resuming "
+                        f"from step {step} instead ({why})")
+                return step, state, meta
+            damaged.append((step, reason or "unreadable on another process"))
+        if damaged:
+            reasons = "; ".join(why for _, why in damaged)
+            raise DamagedCheckpointError(
+                f"{self._directory}: no intact checkpoint ({reasons}); move that directory away (or pass "
+                "a new --run-dir) to start over")
+        return None
 
     def restore_meta(self, step: int) -> dict:
         self._require_step(step)
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        with _damage_reported(self._directory / str(step)):
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta.pop(FINGERPRINT_KEY, None)
+        return meta
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
@@ -188,7 +256,42 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until pending saves are committed (raises if a background save failed)."""
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            self._raise_if_disk_full(error)
+            raise
+
+    def _raise_if_disk_full(self, error: BaseException) -> None:
+        if not _is_disk_full(error):
+            return
+        step, nbytes = self._saving or (None, 0)
+        if jax.process_index() == 0 and "://" not in str(self._directory):
+            for leftover in self._directory.glob(f"{step}.orbax-checkpoint-tmp-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        self._manager.reload()
+        intact = [s for s in self.all_steps() if s != step]
+        kept = f"step {intact[-1]} is intact" if intact else "no earlier step was saved"
+        raise DiskFullError(
+            f"{self._directory}: no space left on device while saving step {step} (its arrays need "
+            f"{_gib(nbytes)}, {_free_space(self._directory)} free); {kept}: free space (or move the run "
+            "directory) and rerun the same command to resume") from None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename damaged steps `<step>.damaged` (process 0), so they are neither listed nor in the way."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                target = self._directory / f"{step}.damaged"
+                n = 1
+                while target.exists():
+                    target, n = self._directory / f"{step}.damaged-{n}", n + 1
+                (self._directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("sidrec checkpoint set aside")
+        self._manager.reload()
 
     def close(self) -> None:
         self._manager.close()
@@ -239,6 +342,107 @@ def _check_json(meta: dict, step: int) -> None:
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"step {step}: meta is not JSON-serializable ({error}); "
                               "convert arrays to lists and dataclasses to dicts") from None
+
+
+def _leaf_bits(x: jax.Array) -> jax.Array:
+    """Each element's bits as uint32 (64-bit dtypes: two words per element)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if x.dtype.itemsize == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """sum(bits * (2654435761 * position + 1)) mod 2**32: any changed element or moved value changes it
+    (odd weights are invertible mod 2**32); exact, so every sharding and reduction order agrees."""
+    bits = _leaf_bits(jnp.asarray(x))
+    position, stride = jnp.zeros_like(bits), 1
+    for axis in reversed(range(bits.ndim)):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis, out_sharding=bits.aval.sharding)
+        position, stride = position + iota * jnp.uint32(stride % 2**32), stride * bits.shape[axis]
+    return jnp.sum(bits * (position * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+_fingerprint_tree = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
+
+
+def fingerprints(tree: PyTree) -> dict[str, int]:
+    """{leaf name: uint32 fingerprint} of a pytree of (possibly sharded, multi-process) arrays."""
+    return {name: int(value) for name, value in _leaves_by_name(jax.device_get(_fingerprint_tree(tree))).items()}
+
+
+def _verify_fingerprints(step_dir: epath.Path, state: PyTree, saved: dict | None) -> None:
+    if saved is None:  # saved before fingerprints existed
+        return
+    now = fingerprints(state)
+    changed = [name for name, value in now.items() if name in saved and saved[name] != value]
+    if changed:
+        listed = ", ".join(changed[:_MAX_LISTED_MISMATCHES])
+        raise DamagedCheckpointError(f"{step_dir}: {len(changed)} array(s) read back differ from what was saved "
+                                     f"({listed}); its files changed after the save")
+
+
+class _damage_reported:
+    """Turns any failure to read a committed step into one DamagedCheckpointError naming it."""
+
+    def __init__(self, step_dir: epath.Path):
+        self._step_dir = step_dir
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is None or isinstance(error, CheckpointError) or not isinstance(error, Exception):
+            return False
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        raise DamagedCheckpointError(
+            f"{self._step_dir}: unreadable ({type(error).__name__}: {first_line})") from error
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True when `ok` holds on every process (a damaged shard may be read by one process only)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _nbytes(tree: PyTree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+               if hasattr(x, "shape") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+
+
+def _gib(nbytes: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def _free_space(directory: epath.Path) -> str:
+    try:
+        return _gib(shutil.disk_usage(str(directory)).free)
+    except OSError:
+        return "unknown"
 
 
 def _leaves_by_name(tree: PyTree) -> dict[str, Any]:
@@ -356,5 +560,11 @@ def restore_params(run_dir: str | epath.PathLike, abstract_params: PyTree, which
         step = checkpoints.step_for(which)
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params,
                                 sharding)
-        state, _ = checkpoints.restore(step, {"params": abstract}, partial=True)
+        try:
+            state, _ = checkpoints.restore(step, {"params": abstract}, partial=True)
+        except DamagedCheckpointError as error:
+            other = "last" if which == "best" else "best"
+            hint = (f"--eval.which {other} (step {checkpoints.step_for(other)})"
+                    if checkpoints.step_for(other) != step else "another run (or resume training to save a new step)")
+            raise DamagedCheckpointError(f"{error}; the {which} checkpoint cannot be used: evaluate {hint}") from None
     return state["params"], step

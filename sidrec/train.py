@@ -30,6 +30,7 @@ from sidrec.data import batching
 from sidrec.errors import UserError
 from sidrec.logging import RunLogger, mfu, peak_flops_for
 from sidrec.model import qwen2
+from sidrec.rundir import RunDirLock
 
 MICRO_BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_pos", "loss_tgt", "loss_w")
 
@@ -281,7 +282,7 @@ def resume_or_start(trainer: Trainer, checkpoints: Checkpointer) -> tuple[TrainS
     if not cfg.checkpoint.resume:
         raise UserError(f"{cfg.run_dir}: already holds checkpoints (latest step {latest}); pass "
                         "--checkpoint.resume True to continue it or choose a new --run-dir")
-    state, meta = checkpoints.restore(latest, trainer.compiled.abstract_state)
+    _, state, meta = checkpoints.restore_latest(trainer.compiled.abstract_state)
     trainer.loader.restore(meta["loader"])
     return state, Progress(**meta["progress"]), True
 
@@ -291,6 +292,11 @@ def run_train(cfg: Config) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     parallel.maybe_initialize_distributed(cfg.mesh)  # before asking which process this is
+    with RunDirLock(run_dir, "cli.py train"):
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: Config, run_dir: Path) -> dict:
     is_main = jax.process_index() == 0
     trainer = setup(cfg, say=print if is_main else (lambda _: None))
     checkpoints = Checkpointer(cfg.checkpoint.resume_from or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep,

@@ -31,6 +31,7 @@ from sidrec.errors import UserError
 from sidrec.logging import RunLogger, format_metrics_table
 from sidrec.model import hf, qwen2
 from sidrec.rl import data as rl_data, grpo
+from sidrec.rundir import RunDirLock
 from sidrec.tokenizer import load_tokenizer
 
 BEST_METRIC = "valid_ndcg"
@@ -126,6 +127,11 @@ def run_rl(cfg: Config) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     parallel.maybe_initialize_distributed(cfg.mesh)
+    with RunDirLock(run_dir, "cli.py rl"):
+        return _rl(cfg, run_dir)
+
+
+def _rl(cfg: Config, run_dir: Path) -> dict:
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda _: None)
     mesh = parallel.make_mesh(cfg.mesh)
@@ -201,9 +207,10 @@ def run_rl(cfg: Config) -> dict:
 
     checkpoints = Checkpointer(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep, best_metric=BEST_METRIC,
                                mode="max")
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        state, meta = checkpoints.restore(latest, steps.abstract_state)
+    restored = checkpoints.restore_latest(steps.abstract_state)
+    latest = None if restored is None else restored[0]
+    if restored is not None:
+        _, state, meta = restored
         loader.epoch, loader.step_in_epoch = meta["loader"]["epoch"], meta["loader"]["step_in_epoch"]
         best = meta["best"]
     else:
