@@ -29,6 +29,7 @@ import operator
 import shutil
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Literal, Self
 
 import jax
@@ -62,14 +63,19 @@ class DiskFullError(CheckpointError):
     """A save ran out of space; the steps saved before it are intact."""
 
 
-class _DropMissingMetricWarning(logging.Filter):
-    """Orbax warns on every save without a metric; periodic saves between validations have none."""
+class _QuietOrbaxLogs(logging.Filter):
+    """Drops Orbax log records the Checkpointer reports better itself: the warning on every save without
+    a metric (periodic saves between validations have none) and the tracebacks its writer threads log
+    for a full disk (`DiskFullError` says it in one line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        message = record.getMessage()
+        if "did not provide metrics" in message or "No space left on device" in message:
+            return False
+        return not (record.exc_info and _is_disk_full(record.exc_info[1]))
 
 
-logging.getLogger("absl").addFilter(_DropMissingMetricWarning())
+logging.getLogger("absl").addFilter(_QuietOrbaxLogs())
 
 _MAX_LISTED_MISMATCHES = 20
 RANKING_FILE = "ranking.json"
@@ -151,6 +157,11 @@ class Checkpointer:
                     f"step {step}: {self._best_metric}={metric} is not finite; a diverged state "
                     "must not be saved or ranked")
             metrics = {self._best_metric: metric}
+        nbytes = _nbytes(state)
+        free = _free_bytes(self._directory)
+        if not _all_processes_agree(free is None or nbytes <= free):
+            self._saving = (step, nbytes)
+            self._raise_if_disk_full(OSError(errno.ENOSPC, "No space left on device"))
         meta = {**meta, FINGERPRINT_KEY: fingerprints(state)}
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
         try:
@@ -160,7 +171,7 @@ class Checkpointer:
         except Exception as error:  # also a failure of the previous async save, raised here
             self._raise_if_disk_full(error)
             raise
-        self._saving = (step, _nbytes(state))
+        self._saving = (step, nbytes)
         return started
 
     def restore(self, step: int, abstract_state: PyTree, *,
@@ -265,10 +276,9 @@ class Checkpointer:
     def _raise_if_disk_full(self, error: BaseException) -> None:
         if not _is_disk_full(error):
             return
+        # The half-written `<step>.orbax-checkpoint-tmp*` is deleted when the rerun opens the directory
+        # (removing it here could race writer threads that are still running).
         step, nbytes = self._saving or (None, 0)
-        if jax.process_index() == 0 and "://" not in str(self._directory):
-            for leftover in self._directory.glob(f"{step}.orbax-checkpoint-tmp-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
         self._manager.reload()
         intact = [s for s in self.all_steps() if s != step]
         kept = f"step {intact[-1]} is intact" if intact else "no earlier step was saved"
@@ -438,11 +448,22 @@ def _gib(nbytes: float) -> str:
     return f"{int(nbytes)} B"
 
 
-def _free_space(directory: epath.Path) -> str:
+def _free_bytes(directory: epath.Path) -> int | None:
+    """Free bytes on the local disk holding `directory` (or its nearest existing parent); None if remote."""
+    if "://" in str(directory):
+        return None
+    path = Path(str(directory))
+    while not path.exists() and path != path.parent:
+        path = path.parent
     try:
-        return _gib(shutil.disk_usage(str(directory)).free)
+        return shutil.disk_usage(path).free
     except OSError:
-        return "unknown"
+        return None
+
+
+def _free_space(directory: epath.Path) -> str:
+    free = _free_bytes(directory)
+    return "unknown" if free is None else _gib(free)
 
 
 def _leaves_by_name(tree: PyTree) -> dict[str, Any]:
