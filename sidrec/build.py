@@ -19,6 +19,7 @@ from sidrec.config import Config
 from sidrec.data import minionerec, synthetic
 from sidrec.errors import UserError
 from sidrec.model import hf, qwen2
+from sidrec.textfile import read_json
 from sidrec.tokenizer import TokenizerInfo, add_sid_tokens, load_tokenizer, save_tokenizer
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -91,7 +92,7 @@ def load_run_description(run_dir: str | Path, compute_dtype: str | None = None
     if not path.is_file():
         raise UserError(f"{run_dir}: not a sidrec run directory (no {MODEL_CONFIG_FILE}); train first or "
                         "pass --model.hf-path")
-    model_cfg = qwen2.Qwen2Config(**json.loads(path.read_text()))
+    model_cfg = qwen2.Qwen2Config(**read_json(path))
     if compute_dtype:
         model_cfg = dataclasses.replace(model_cfg, compute_dtype=compute_dtype)
     return load_tokenizer(run_dir / TOKENIZER_DIR), model_cfg

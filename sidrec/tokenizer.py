@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer
 
 from sidrec.errors import UserError
+from sidrec.textfile import read_json
 
 
 class TokenizerError(UserError):
@@ -36,11 +37,16 @@ def load_tokenizer(directory: str | Path) -> TokenizerInfo:
         raise TokenizerError(
             f"{path}: no tokenizer.json; point --model.tokenizer-path (or --model.hf-path) at a "
             "directory with a Hugging Face fast tokenizer")
-    tokenizer = Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # the tokenizers library raises a bare Exception for a damaged file
+        raise TokenizerError(f"{path}: cannot be read as a Hugging Face fast tokenizer ({err}); the file "
+                             "is damaged or incomplete: download or export it again") from None
     eos_token = "<|im_end|>"
     config_path = directory / "tokenizer_config.json"
     if config_path.is_file():
-        eos = json.loads(config_path.read_text()).get("eos_token")
+        settings = read_json(config_path, TokenizerError)
+        eos = settings.get("eos_token") if isinstance(settings, dict) else None
         if isinstance(eos, dict):
             eos = eos.get("content")
         eos_token = eos or eos_token

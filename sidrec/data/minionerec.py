@@ -3,6 +3,8 @@
 Layout (upstream's `data/Amazon`): `{train,valid,test}/<Category>_*.csv`, `info/<Category>_*.txt`
 (lines `sid<TAB>title<TAB>item_id`), `index/<Category>.index.json` (item id -> SID tokens) and
 `index/<Category>.item.json` (item id -> {"title", ...}). CSV list cells are Python literals.
+Files are read as users have them: UTF-8 with or without a BOM, LF or CRLF line endings, blank lines
+in info/ and the CSVs skipped; bytes that are not UTF-8 are a DataError naming the file and line.
 
 Every task is built exactly as upstream's data.py (HEAD 81b4ba9): the instruction, the prompt and the
 target (+EOS) are tokenized separately and concatenated, labels are -100 on instruction and prompt, and
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import ast
 import csv
-import json
+import io
 import random
 import re
 from collections.abc import Mapping
@@ -28,6 +30,7 @@ import numpy as np
 
 from sidrec.config import ALL_TASKS, DataConfig
 from sidrec.errors import UserError
+from sidrec.textfile import read_json, read_text
 from sidrec.tokenizer import TokenizerInfo
 
 SPLITS = ("train", "valid", "test")
@@ -181,10 +184,7 @@ def split_sid(sid: str) -> tuple[str, ...] | None:
 
 
 def _read_json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    value = read_json(path, DataError)
     if not isinstance(value, dict) or not value:
         raise DataError(f"{path}: expected a non-empty JSON object keyed by item id")
     return value
@@ -216,14 +216,18 @@ def _item_title(path: Path, item_id: str, features) -> str:
 
 def _read_info_sids(path: Path, depth: int) -> frozenset[str]:
     sids = set()
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            fields = line.rstrip("\n").split("\t")
-            tokens = split_sid(fields[0])
-            if len(fields) != 3 or tokens is None or len(tokens) != depth:
-                raise DataError(f"{path}:{line_no}: expected 'sid<TAB>title<TAB>item_id' with a SID of "
-                                f"depth {depth}, got {line.rstrip()[:120]!r}")
-            sids.add(fields[0])
+    # newline=None: "\n", "\r\n" and "\r" all end a line (as open() does); blank lines are skipped
+    for line_no, line in enumerate(io.StringIO(read_text(path, DataError), newline=None), 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        tokens = split_sid(fields[0])
+        if len(fields) != 3 or tokens is None or len(tokens) != depth:
+            raise DataError(f"{path}:{line_no}: expected 'sid<TAB>title<TAB>item_id' with a SID of "
+                            f"depth {depth} (SIDs of the index), got {line.rstrip()[:120]!r}; fix or "
+                            "remove that line")
+        sids.add(fields[0])
     if not sids:
         raise DataError(f"{path}: no items")
     return frozenset(sids)
@@ -249,13 +253,18 @@ class Interaction:
 def load_split(catalogue: Catalogue, split: str) -> list[Interaction]:
     """Rows of `<split>/<category>_*.csv` in file order, checked against the catalogue."""
     path = catalogue.paths.splits[split]
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    # newline="": the csv module handles "\r\n" itself (and newlines inside quoted cells); DictReader
+    # skips blank lines
+    reader = csv.DictReader(io.StringIO(read_text(path, DataError), newline=""))
+    try:
         missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or ())]
         if missing:
             raise DataError(f"{path}:1: missing column(s) {missing}; MiniOneRec CSVs have columns "
                             f"{list(CSV_COLUMNS)}")
         rows = [_interaction(path, reader.line_num, record, catalogue) for record in reader]
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({err}); fix the quoting on that "
+                        "line") from None
     if not rows:
         raise DataError(f"{path}: the {split} split has no rows; check the file or --data.root")
     return rows
@@ -275,9 +284,11 @@ def _interaction(path: Path, line: int, record: dict, catalogue: Catalogue) -> I
         if sid not in catalogue.sid_to_title:
             raise DataError(f"{where}: SID {sid!r} is not in {catalogue.paths.index.name}; the CSV and "
                             "the index must come from the same SID assignment")
-    if record["item_id"] not in catalogue.sid_of:
-        raise DataError(f"{where}: item_id {record['item_id']!r} is not a key of "
-                        f"{catalogue.paths.index.name}")
+    for column, ids in (("history_item_id", item_ids), ("item_id", (record["item_id"],))):
+        unknown = [i for i in ids if i not in catalogue.sid_of]
+        if unknown:
+            raise DataError(f"{where}: {column} {unknown[0]!r} is not a key of {catalogue.paths.index}; "
+                            "the CSV and the index must come from the same dataset (regenerate one of them)")
     return Interaction(line=line, history_titles=titles, history_item_ids=item_ids, history_sids=sids,
                        item_title=record["item_title"], item_id=record["item_id"],
                        item_sid=record["item_sid"])

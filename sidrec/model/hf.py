@@ -37,6 +37,7 @@ from sidrec.model.qwen2 import (
     architecture_of,
     flat_specs,
 )
+from sidrec.textfile import read_json
 from sidrec.tokenizer import TokenizerInfo, save_tokenizer
 from sidrec.util import round_up
 
@@ -73,6 +74,19 @@ def _expected_tensors(cfg: Qwen2Config) -> dict[str, tuple[str, ArrayInfo, int |
     return expected
 
 
+# Where each logical axis's size comes from in config.json (named in shape mismatch messages).
+_AXIS_SOURCE = {
+    "vocab": "vocab_size",
+    "embed": "hidden_size",
+    "mlp": "intermediate_size",
+    "q_heads": "num_attention_heads*head_dim",
+    "kv_heads": "num_key_value_heads*head_dim",
+}
+# safetensors dtypes the loader reads (all converted to float32); others are refused by name.
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_MAX_LISTED = 8  # problems spelled out in one message (the count says how many there are)
+
+
 # ----------------------------------------------------------------------------------------------
 # config.json
 
@@ -81,10 +95,32 @@ def load_hf_config(directory: str | Path) -> dict:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; --model.hf-path must be a Hugging Face model directory")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    config = read_json(path, CheckpointError)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of model settings, got {type(config).__name__}; "
+                              "point --model.hf-path at a Hugging Face model directory")
+    return config
+
+
+def _check_field_types(hf: dict, where: str) -> None:
+    """Numbers where numbers belong: a string or a null would otherwise fail deep inside the model."""
+    positive_ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
+    for key in positive_ints:
+        value = hf.get(key)
+        required = key in _REQUIRED
+        if (value is not None or required) and (type(value) is not int or value <= 0):
+            raise CheckpointError(f"{where}: {key} must be a positive integer, got {value!r}; fix config.json")
+    for key in ("rope_theta", "rms_norm_eps", "initializer_range"):
+        value = hf.get(key)
+        if value is not None and (type(value) not in (int, float) or value <= 0):
+            raise CheckpointError(f"{where}: {key} must be a positive number, got {value!r}; fix config.json")
+    if hf.get("tie_word_embeddings") not in (None, True, False):
+        raise CheckpointError(f"{where}: tie_word_embeddings must be true or false, got "
+                              f"{hf['tie_word_embeddings']!r}; fix config.json")
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise CheckpointError(f"{where}: {key} must be an object or null, got {hf[key]!r}; fix config.json")
 
 
 def _rope_theta(hf: dict, where: str) -> float:
@@ -130,6 +166,7 @@ def config_from_hf(hf: dict, compute_dtype: str = "float32", remat: bool = False
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:
         raise CheckpointError(f"{where}: missing field(s) {missing}")
+    _check_field_types(hf, where)
     fields = {ours: hf.get(key) if hf.get(key) is not None else default for ours, (key, default) in _HF_FIELDS.items()}
     fields["num_kv_heads"] = fields["num_kv_heads"] or fields["num_heads"]
     fields["head_dim"] = fields["head_dim"] or fields["hidden_size"] // fields["num_heads"]
@@ -166,52 +203,85 @@ def hf_config_dict(cfg: Qwen2Config, tokenizer_info: TokenizerInfo, dtype: str) 
 # safetensors -> params
 
 
+@contextlib.contextmanager
+def _open_safetensors(file: Path):
+    """safe_open, with a damaged file (truncated, not safetensors) as one CheckpointError naming it."""
+    try:
+        handle = safe_open(file, framework="numpy")
+    except Exception as e:  # SafetensorError, or an OSError
+        raise CheckpointError(f"{file}: cannot be read as safetensors ({e}); the file is damaged or "
+                              "incomplete: download or export the model again") from None
+    with handle as f:
+        yield f
+
+
 def _checkpoint_files(directory: Path) -> dict[str, Path]:
     """Tensor name -> file, from model.safetensors or a sharded model.safetensors.index.json."""
     index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no 'weight_map' object")
+        content = read_json(index, CheckpointError)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: no 'weight_map' object of tensor name -> shard file; "
+                                  "download the index again")
         files = {name: directory / file for name, file in weight_map.items()}
         absent = sorted({str(f) for f in files.values() if not f.is_file()})
         if absent:
             raise CheckpointError(f"{index}: shard file(s) listed but not found: {absent}")
         return files
     if single.is_file():
-        with safe_open(single, framework="numpy") as f:
+        with _open_safetensors(single) as f:
             return dict.fromkeys(f.keys(), single)
     raise CheckpointError(f"{directory}: neither model.safetensors nor model.safetensors.index.json found")
 
 
-def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-    shapes = {}
+def _read_headers(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...] | None, str | None]]:
+    """Tensor name -> (shape, safetensors dtype) from the file headers; (None, None) for a tensor the
+    index lists in a shard that does not hold it."""
+    headers = {}
     for file in sorted(set(files.values())):
-        with safe_open(file, framework="numpy") as f:
-            for name in sorted(f.keys()):
+        with _open_safetensors(file) as f:
+            held = set(f.keys())
+            for name in sorted(held):
                 if files.get(name) == file:  # a shard's tensors the index does not list are ignored
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
+                    tensor = f.get_slice(name)
+                    headers[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
+            for name in sorted(n for n, listed in files.items() if listed == file and n not in held):
+                headers[name] = (None, None)
+    return headers
 
 
-def _shape_problems(cfg: Qwen2Config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+def _axis_sources(info: ArrayInfo) -> str:
+    axes = info.logical_axes[1:] if info.stacked else info.logical_axes
+    return " x ".join(_AXIS_SOURCE.get(a, a) for a in (reversed(axes) if info.hf_transposed else axes))
+
+
+def _header_problems(cfg: Qwen2Config, headers: dict, files: dict[str, Path]) -> list[str]:
+    """Every tensor that is missing, misshapen, not floating point or not expected, by name."""
     expected = _expected_tensors(cfg)
     problems = []
-    for name, (_, _, _, shape) in expected.items():
-        if name not in shapes:
+    for name, (_, info, _, shape) in expected.items():
+        if name not in headers:
             problems.append(f"missing {name} (expected shape {list(shape)})")
-        elif shapes[name] != shape:
-            problems.append(f"{name} has shape {list(shapes[name])}, expected {list(shape)}")
-    for name, shape in shapes.items():
-        if name in expected or (name == TIED_HEAD_HF_NAME and cfg.tie_word_embeddings):
+        elif headers[name][0] is None:
+            problems.append(f"missing {name}: the index lists it in {files[name].name}, which does not hold it")
+        elif headers[name][0] != shape:
+            problems.append(f"{name} has shape {list(headers[name][0])}, expected {list(shape)} "
+                            f"(config.json {_axis_sources(info)}; in {files[name].name})")
+    for name, (shape, dtype) in headers.items():
+        if shape is not None and dtype not in _FLOAT_DTYPES and (name in expected or name == TIED_HEAD_HF_NAME):
+            problems.append(f"{name} has dtype {dtype} (in {files[name].name}); weights must be one of "
+                            f"{'/'.join(_FLOAT_DTYPES)} (quantized checkpoints are not supported)")
+    for name, (shape, _) in headers.items():
+        if name in expected or (name == TIED_HEAD_HF_NAME and cfg.tie_word_embeddings) or shape is None:
             continue
         problems.append(f"unexpected tensor {name} (shape {list(shape)})")
-    if cfg.tie_word_embeddings and TIED_HEAD_HF_NAME in shapes:
+    if cfg.tie_word_embeddings and headers.get(TIED_HEAD_HF_NAME, (None,))[0] is not None:
         embed_shape = (cfg.vocab_size, cfg.hidden_size)
-        if shapes[TIED_HEAD_HF_NAME] != embed_shape:
-            problems.append(f"{TIED_HEAD_HF_NAME} has shape {list(shapes[TIED_HEAD_HF_NAME])}, expected {list(embed_shape)} "
-                            "(tied to model.embed_tokens.weight)")
+        if headers[TIED_HEAD_HF_NAME][0] != embed_shape:
+            problems.append(f"{TIED_HEAD_HF_NAME} has shape {list(headers[TIED_HEAD_HF_NAME][0])}, expected "
+                            f"{list(embed_shape)} (tied to model.embed_tokens.weight)")
     return problems
 
 
@@ -231,12 +301,19 @@ def load_params(directory: str | Path, cfg: Qwen2Config, *, shardings=None) -> P
     """
     directory = Path(directory)
     files = _checkpoint_files(directory)
-    problems = _shape_problems(cfg, _read_shapes(files))
+    headers = _read_headers(files)
+    problems = _header_problems(cfg, headers, files)
     if problems:
-        raise CheckpointError(f"{directory}: checkpoint does not match its config "
-                              f"({len(problems)} problem(s)): " + "; ".join(problems))
+        listed = problems[:_MAX_LISTED] + ([f"... and {len(problems) - _MAX_LISTED} more"]
+                                           if len(problems) > _MAX_LISTED else [])
+        weights = sorted({f.name for f in files.values()})
+        raise CheckpointError(
+            f"{directory}: checkpoint does not match its config ({len(problems)} problem(s)) in "
+            f"{', '.join(weights[:3])}{' ...' if len(weights) > 3 else ''}: " + "; ".join(listed)
+            + "; config.json and the weights must come from the same model (download or export it again)")
+    files = {name: file for name, file in files.items() if headers.get(name, (None,))[0] is not None}
     with contextlib.ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(file, framework="numpy")) for file in set(files.values())}
+        handles = {file: stack.enter_context(_open_safetensors(file)) for file in set(files.values())}
 
         def read(name: str) -> np.ndarray:
             return handles[files[name]].get_tensor(name).astype(np.float32)
