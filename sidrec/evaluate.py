@@ -93,7 +93,7 @@ def run_eval(cfg: Config, checkpoint: str | None = None) -> dict:
 
     sequences, scores = _search_all(params, model_cfg, trie, batches, mesh, cfg, show=is_main)
     predicts = decode_predictions(sequences, tokenizer)
-    records = metrics.prediction_records([e.prompt for e in examples], [e.target for e in examples],
+    records = metrics.prediction_records([e.input for e in examples], [e.target for e in examples],
                                          predicts, scores.tolist())
     result = metrics.compute_metrics(records, catalogue.valid_sids)
     if is_main:

@@ -6,8 +6,10 @@ adds HR@K += 1 and NDCG@K += 1 / log2(r + 2) for every K > r. Predictions that a
 are counted as invalid while scanning, up to and including the first match (the scan stops there).
 The beam count is taken from the first sample, and K runs over the values not above it.
 
-Files: `eval_predictions.json` is a list of {"input", "output", "predict", "scores"} (what calc.py
-reads: it uses "predict" and "output"); the metrics file is the dict `compute_metrics` returns.
+Files: `eval_predictions.json` is a list of {"input", "output", "predict", "scores"}: upstream
+evaluate.py's records ("input" the user-input text of EvalSidDataset, not the whole prompt; "output" the
+target SID + "\n"; "predict" best first) plus our beam scores, so the two files diff record by record;
+calc.py reads "predict" and "output". The metrics file is the dict `compute_metrics` returns.
 """
 
 from __future__ import annotations

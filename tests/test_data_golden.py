@@ -78,6 +78,10 @@ def test_eval_prompts_match_golden(category):
         example = examples[row["index"]]
         assert example.prompt_ids.tolist() == row["input_ids"]
         assert example.prompt == row["text"]
+        # upstream's eval_predictions.json "input": EvalSidDataset.get_history's text, inside the prompt
+        history = ", ".join(splits[split][row["index"]].history_sids)
+        assert example.input == minionerec.EVAL_SID_INPUT.format(history=history)
+        assert f"### User Input: \n{example.input}\n\n### Response:\n" in example.prompt
         assert example.target == splits[split][row["index"]].item_sid + "\n"
 
 

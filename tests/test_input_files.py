@@ -340,3 +340,26 @@ def test_cli_hf_dtype_error_is_one_line_exit_2_in_a_fresh_process(tmp_path, root
                            "--model.hf-path", str(directory), "--wandb.mode", "disabled"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert_one_error_line(done.returncode, done.stderr, "model.embed_tokens.weight has dtype I32")
+
+
+def test_generation_config_never_changes_the_ranking(tmp_path, root, capsys):
+    """Instruct checkpoints ship generation_config.json with sampling settings (top_k/top_p/temperature,
+    upstream issues #49/#57); beam search here reads none of it, so the predictions are identical."""
+    model = copy_model(tmp_path, root)
+
+    def predictions(run):
+        code, stderr = run_cli_in_process(capsys, [
+            "eval", "--preset", "demo", "--run-dir", str(tmp_path / run), "--data.synthetic", "False",
+            "--data.root", str(root), "--model.hf-path", str(model), "--wandb.mode", "disabled",
+            "--eval.max-samples", "4", "--eval.num-beams", "8"])
+        assert code == 0, stderr
+        return json.loads((tmp_path / run / "eval_predictions.json").read_text())
+
+    without = predictions("plain")
+    (model / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "top_k": 20, "top_p": 0.8, "temperature": 0.7, "repetition_penalty": 1.05,
+         "num_beams": 1, "length_penalty": 2.0}))
+    assert predictions("instruct") == without
+    # "input" is the user input inside the prompt (the demo preset uses the training wording)
+    assert [r["input"] for r in without] == [e.input for e in minionerec.eval_examples(
+        minionerec.load_catalogue(root, CATEGORY), "test", load_tokenizer(model), wording="training")[:4]]

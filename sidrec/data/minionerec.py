@@ -424,6 +424,7 @@ class EvalExample:
     prompt: str             # instruction + prompt text, ending with "### Response:\n"
     prompt_ids: np.ndarray  # int32, unpadded and untruncated (upstream's eval inputs)
     target: str             # the next item's SID + "\n" (upstream's "output" field)
+    input: str              # the user input inside the prompt (upstream's "input" field, get_all())
 
 
 def eval_examples(catalogue: Catalogue, split: str, tokenizer: TokenizerInfo,
@@ -432,13 +433,14 @@ def eval_examples(catalogue: Catalogue, split: str, tokenizer: TokenizerInfo,
     the model trained on (a pretrained LLM bridges the two; a small model from scratch does not);
     "training": the sid_sft training prompt itself (the `--data.eval-wording training` fix)."""
     template = {"upstream": EVAL_SID_INPUT, "training": SID_SFT_INPUT}[wording]
-    texts = [_example(SID_SFT_INSTRUCTION, template.format(history=", ".join(row.history_sids)),
-                      row.item_sid + "\n")
-             for row in load_split(catalogue, split)]
+    rows = load_split(catalogue, split)
+    inputs = [template.format(history=", ".join(row.history_sids)) for row in rows]
+    texts = [_example(SID_SFT_INSTRUCTION, text, row.item_sid + "\n") for text, row in zip(inputs, rows)]
     encoded = _encode_unique(tokenizer, [t.instruction for t in texts] + [t.prompt for t in texts])
     n = len(texts)
     return [EvalExample(prompt=t.instruction + t.prompt,
-                        prompt_ids=np.asarray(encoded[i] + encoded[n + i], dtype=np.int32), target=t.target)
+                        prompt_ids=np.asarray(encoded[i] + encoded[n + i], dtype=np.int32), target=t.target,
+                        input=inputs[i])
             for i, t in enumerate(texts)]
 
 
