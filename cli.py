@@ -5,6 +5,7 @@
     python cli.py train-eval --preset NAME [...]   (train, then evaluate the best checkpoint on test)
     python cli.py rl         --preset NAME [...]   (GRPO from --rl.sft-run-dir or --model.hf-path)
     python cli.py rl-eval    --preset NAME [...]   (rl, then test eval of the best vs the SFT start)
+    python cli.py sids       --preset NAME [...]   (semantic IDs for a catalogue -> a new --data.root)
     python cli.py export     --run-dir DIR --out HF_DIR [--which best|last]
     python cli.py presets
 
@@ -19,7 +20,7 @@ from typing import Literal
 
 import tyro
 
-COMMANDS = ("train", "eval", "train-eval", "rl", "rl-eval", "export", "presets")
+COMMANDS = ("train", "eval", "train-eval", "rl", "rl-eval", "sids", "export", "presets")
 DEFAULT_PRESET = "demo"
 
 
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             from sidrec.rl.run import run_rl, run_rl_eval
 
             (run_rl if command == "rl" else run_rl_eval)(cfg)
+        elif command == "sids":
+            from sidrec.sids.run import run_sids
+
+            run_sids(cfg)
         elif command == "eval":
             from sidrec.evaluate import run_eval
 

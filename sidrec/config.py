@@ -204,6 +204,44 @@ class RLConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SidsConfig:
+    """Semantic-ID construction (`cli.py sids`): item text -> embeddings -> residual quantisation ->
+    a complete data root (`<out>/Amazon/...`) for --data.root."""
+
+    out: str = "runs/sids"
+    """Output directory: receives Amazon/{index,info,train,valid,test} and sids_report.json."""
+    overwrite: bool = False
+    """Replace an existing <out>/Amazon."""
+    method: Literal["rqkmeans", "rqkmeans-balanced"] = "rqkmeans-balanced"
+    """Residual k-means (upstream rqkmeans_faiss.py's algorithm) or its balanced variant, every cluster
+    floor(n/K) or ceil(n/K) items (upstream rqkmeans_constrained.py)."""
+    levels: int = 3
+    """Quantisation levels (SID tokens before dedup)."""
+    codes: int = 256
+    """Codes per level."""
+    dedup: Literal["extra-level", "sinkhorn", "none"] = "extra-level"
+    """Collisions: a 4th token <d_rank> on every SID (upstream's constrained script, uniform depth),
+    Sinkhorn re-assignment of the last level (upstream rqvae), or keep them."""
+    embeddings: Literal["tfidf", "hf", "npy"] = "tfidf"
+    """tfidf: offline fallback (TF-IDF + truncated SVD, scikit-learn); hf: mean-pooled hidden states of
+    --model.hf-path; npy: --sids.embeddings-npy."""
+    embeddings_npy: str | None = None
+    """[items, dim] float array, rows in index.json order (with --sids.embeddings npy)."""
+    tfidf_dim: int = 256
+    """Dimensions kept by the SVD of the TF-IDF fallback."""
+    embed_batch_size: int = 16
+    """Items per device per forward (hf embeddings)."""
+    embed_max_len: int = 512
+    """Tokens kept per item text (hf embeddings; upstream max_sent_len 2048)."""
+    kmeans_iterations: int = 50
+    """Lloyd iterations per level (after k-means++ seeding)."""
+    sinkhorn_rounds: int = 20
+    """Re-assignment rounds of --sids.dedup sinkhorn (upstream: up to 20)."""
+    sinkhorn_epsilon: float = 0.003
+    """Entropic temperature of the Sinkhorn transport on min-max normalised distances."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class MeshConfig:
     """Device mesh (data x fsdp) and multi-process settings."""
 
@@ -267,6 +305,8 @@ class Config:
     """Evaluation."""
     rl: RLConfig = field(default_factory=RLConfig)
     """The RL stage (`cli.py rl`)."""
+    sids: SidsConfig = field(default_factory=SidsConfig)
+    """Semantic-ID construction (`cli.py sids`)."""
     mesh: MeshConfig = field(default_factory=MeshConfig)
     """Devices and processes."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -332,6 +372,16 @@ def _validation_errors(cfg: Config):
                "['sid', 'title2sid', 'description2sid', 'seq_title2sid']")
     if r.max_steps < 0 or r.valid_max_samples < 0 or r.ref_sync_steps < 0:
         yield "--rl.max-steps, --rl.valid-max-samples and --rl.ref-sync-steps must be >= 0 (0: no limit / never)"
+    sids = cfg.sids
+    if sids.levels < 1 or sids.codes < 2:
+        yield f"--sids.levels ({sids.levels}) must be >= 1 and --sids.codes ({sids.codes}) >= 2"
+    if sids.embeddings == "npy" and not sids.embeddings_npy:
+        yield "--sids.embeddings npy needs --sids.embeddings-npy FILE"
+    if sids.embeddings == "hf" and not m.hf_path:
+        yield "--sids.embeddings hf needs --model.hf-path (a Qwen2-family Hugging Face directory)"
+    if sids.kmeans_iterations < 1 or sids.tfidf_dim < 1 or sids.sinkhorn_rounds < 0 or sids.sinkhorn_epsilon <= 0:
+        yield ("--sids.kmeans-iterations and --sids.tfidf-dim must be >= 1, --sids.sinkhorn-rounds >= 0, "
+               "--sids.sinkhorn-epsilon > 0")
     if cfg.mesh.data == 0 or cfg.mesh.fsdp == 0 or (cfg.mesh.data < 0 and cfg.mesh.fsdp < 0):
         yield "--mesh.data and --mesh.fsdp: positive sizes, at most one of them -1"
 
