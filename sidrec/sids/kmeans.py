@@ -20,6 +20,10 @@ import jax
 import jax.numpy as jnp
 
 
+SWAP_ROUNDS = 2         # exchange rounds inside each balanced Lloyd step (cheap, most of the gain)
+FINAL_SWAP_ROUNDS = 100  # ... and for the returned assignment (until no exchange helps)
+
+
 def squared_distances(x: jax.Array, centres: jax.Array) -> jax.Array:
     """[n, k] squared Euclidean distances (clamped at 0 against rounding)."""
     d = jnp.sum(x * x, 1, keepdims=True) - 2.0 * x @ centres.T + jnp.sum(centres * centres, 1)[None, :]
@@ -94,22 +98,56 @@ def _capacitated_assign(distances: jax.Array, room: jax.Array, taken: jax.Array,
     return assign
 
 
-def balanced_assign(distances: jax.Array) -> jax.Array:
-    """Assignment of n items to k centres with floor(n/k) or ceil(n/k) items each, greedy by distance."""
+def _improve_by_swaps(distances: jax.Array, assign: jax.Array, max_rounds: int) -> jax.Array:
+    """Exchange pairs of items between clusters while that lowers the total distance (sizes unchanged).
+
+    Each round every item finds the partner whose exchange gains most; pairs that choose each other
+    swap, all at once (such pairs are disjoint). Stops after a round without a swap or max_rounds."""
+    n = distances.shape[0]
+    items = jnp.arange(n)
+
+    def has_swaps(state):
+        _, rounds, swapped = state
+        return swapped & (rounds < max_rounds)
+
+    def one_round(state):
+        assign, rounds, _ = state
+        own = distances[items, assign]
+        cross = distances[:, assign]                                  # [i, j]: d(i, cluster of j)
+        gain = own[:, None] + own[None, :] - cross - cross.T
+        gain = jnp.where(assign[:, None] == assign[None, :], -jnp.inf, gain)
+        partner = jnp.argmax(gain, 1)
+        mutual = (partner[partner] == items) & (jnp.max(gain, 1) > 1e-6 * jnp.maximum(own, 1e-30))
+        return jnp.where(mutual, assign[partner], assign), rounds + 1, jnp.any(mutual)
+
+    assign, _, _ = jax.lax.while_loop(has_swaps, one_round, (assign, 0, True))
+    return assign
+
+
+def balanced_assign(distances: jax.Array, swap_rounds: int = 0) -> jax.Array:
+    """Assignment of n items to k centres with floor(n/k) or ceil(n/k) items each: greedy by distance,
+    then up to `swap_rounds` rounds of pairwise exchanges."""
     n, k = distances.shape
     base = n // k
     assign = jnp.full(n, -1, jnp.int32)
     none = jnp.zeros(n, bool)
     assign = _capacitated_assign(distances, jnp.full(k, base, jnp.int32), none, assign)
-    return _capacitated_assign(distances, jnp.ones(k, jnp.int32), assign >= 0, assign)
+    assign = _capacitated_assign(distances, jnp.ones(k, jnp.int32), assign >= 0, assign)
+    return _improve_by_swaps(distances, assign, swap_rounds) if swap_rounds else assign
 
 
-@partial(jax.jit, static_argnames=("k", "iterations", "balanced"))
-def kmeans(key: jax.Array, x: jax.Array, k: int, iterations: int, balanced: bool = False
+@partial(jax.jit, static_argnames=("k", "iterations", "balanced", "swap_rounds", "final_swap_rounds"))
+def kmeans(key: jax.Array, x: jax.Array, k: int, iterations: int, balanced: bool = False,
+           swap_rounds: int = SWAP_ROUNDS, final_swap_rounds: int = FINAL_SWAP_ROUNDS
            ) -> tuple[jax.Array, jax.Array]:
     """(centres [k, d], assignment [n]) after k-means++ seeding and `iterations` Lloyd steps; the
-    returned assignment is the final step's (nearest centre, or balanced)."""
-    assign_step = balanced_assign if balanced else (lambda d: jnp.argmin(d, 1).astype(jnp.int32))
+    returned assignment is the final step's (nearest centre, or balanced with up to final_swap_rounds
+    exchange rounds; swap_rounds in each Lloyd step)."""
+    if balanced:
+        assign_step = partial(balanced_assign, swap_rounds=swap_rounds)
+        final_step = partial(balanced_assign, swap_rounds=final_swap_rounds)
+    else:
+        assign_step = final_step = lambda d: jnp.argmin(d, 1).astype(jnp.int32)
     centres = kmeans_plus_plus(key, x, k)
 
     def step(_, centres):
@@ -117,4 +155,4 @@ def kmeans(key: jax.Array, x: jax.Array, k: int, iterations: int, balanced: bool
         return _update_centres(x, assign_step(distances), centres, distances)
 
     centres = jax.lax.fori_loop(0, iterations, step, centres)
-    return centres, assign_step(squared_distances(x, centres))
+    return centres, final_step(squared_distances(x, centres))

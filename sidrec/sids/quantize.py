@@ -117,14 +117,14 @@ def _nearest_free(codes: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray,
     codes = codes.copy()
     used = defaultdict(set)
     for row in codes:
-        used[tuple(row[:-1])].add(int(row[-1]))
+        used[tuple(int(c) for c in row[:-1])].add(int(row[-1]))
     moved = 0
     for group in collision_groups(codes):
         keep = min(group, key=lambda i: distances[i, codes[i, -1]])
         for i in group:
             if i == keep:
                 continue
-            prefix = tuple(codes[i, :-1])
+            prefix = tuple(int(c) for c in codes[i, :-1])
             free = [c for c in np.argsort(distances[i], kind="stable") if int(c) not in used[prefix]]
             if not free:
                 raise SidsError(f"prefix {prefix} holds more items than the last level's {distances.shape[1]} "
