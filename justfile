@@ -29,3 +29,7 @@ lint:
 # GRPO on the demo's SFT run (run `just demo` first): test metrics next to the SFT start's.
 demo-rl *ARGS:
     python cli.py rl-eval --preset demo-rl "$@"
+
+# Semantic IDs for a catalogue, e.g. `just sids industrial-cpu-sids`; then train with --data.root runs/<preset>.
+sids PRESET="demo-sids" *ARGS:
+    python cli.py sids --preset "$@"

@@ -23,6 +23,7 @@ BENCHES = {
                          "--seq-len-sweep", "512")),
     "muon_overhead": ((), ("--repeats", "1")),
     "rl_speed": ((), ("--repeats", "1")),
+    "sids_speed": ((), ("--constrained-n-init", "1", "--iterations", "10")),
 }
 
 

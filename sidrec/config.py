@@ -212,6 +212,12 @@ class SidsConfig:
     """Output directory: receives Amazon/{index,info,train,valid,test} and sids_report.json."""
     overwrite: bool = False
     """Replace an existing <out>/Amazon."""
+    items: str | None = None
+    """Raw inputs instead of --data.root: an items file (.json as item.json, .jsonl or .csv with item_id,
+    title, description); needs --sids.interactions."""
+    interactions: str | None = None
+    """Raw inputs: a directory with train/, valid/, test/ holding <Category>_*.csv (upstream's columns;
+    SID and title columns optional)."""
     method: Literal["rqkmeans", "rqkmeans-balanced"] = "rqkmeans-balanced"
     """Residual k-means (upstream rqkmeans_faiss.py's algorithm) or its balanced variant, every cluster
     floor(n/K) or ceil(n/K) items (upstream rqkmeans_constrained.py)."""
@@ -375,6 +381,8 @@ def _validation_errors(cfg: Config):
     sids = cfg.sids
     if sids.levels < 1 or sids.codes < 2:
         yield f"--sids.levels ({sids.levels}) must be >= 1 and --sids.codes ({sids.codes}) >= 2"
+    if (sids.items is None) != (sids.interactions is None):
+        yield "--sids.items and --sids.interactions go together (raw inputs), or neither (--data.root)"
     if sids.embeddings == "npy" and not sids.embeddings_npy:
         yield "--sids.embeddings npy needs --sids.embeddings-npy FILE"
     if sids.embeddings == "hf" and not m.hf_path:

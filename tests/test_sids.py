@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import filecmp
+import io
 import json
 import shutil
 from pathlib import Path
@@ -378,3 +379,85 @@ def test_model_forward_is_what_we_pool():
     hidden = qwen2.forward_hidden(params, cfg, tokens, jnp.ones_like(tokens), jnp.asarray([[0, 1, 2]]))
     np.testing.assert_allclose(np.asarray(embed._mean_pool(params, cfg, tokens, jnp.ones_like(tokens)))[0],
                                np.asarray(hidden)[0].mean(0), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# raw inputs: an items file + interaction csvs without SIDs
+
+
+def raw_inputs(tmp_path, root, items_format="csv", keep_titles=False):
+    """The synthetic catalogue as a user without SIDs has it."""
+    catalogue = minionerec.load_catalogue(root, "Synthetic")
+    items = tmp_path / f"items.{items_format}"
+    if items_format == "csv":
+        with items.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["item_id", "title", "description"])
+            writer.writerows([i, catalogue.titles[i], f"made of {catalogue.titles[i].split()[0]}"] for i in catalogue.item_ids)
+    else:
+        items.write_text("\n".join(json.dumps({"item_id": i, "title": catalogue.titles[i]}) for i in catalogue.item_ids))
+    dropped = {"history_item_sid", "item_sid"} | (set() if keep_titles else {"history_item_title", "item_title"})
+    for split in minionerec.SPLITS:
+        rows = read_rows(catalogue.paths.splits[split])
+        path = tmp_path / "interactions" / split / catalogue.paths.splits[split].name
+        path.parent.mkdir(parents=True)
+        with path.open("w", newline="", encoding="utf-8") as f:
+            columns = [c for c in rows[0] if c not in dropped]
+            writer = csv.DictWriter(f, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    return catalogue, items, tmp_path / "interactions"
+
+
+@pytest.mark.parametrize("items_format", ["csv", "jsonl"])
+def test_cli_sids_from_raw_inputs(tmp_path, capsys, items_format):
+    root = synthetic.write_synthetic(tmp_path / "data", n_items=40, n_users=40, seed=3)
+    catalogue, items, interactions = raw_inputs(tmp_path, root, items_format)
+    code, err = run_cli(capsys, sids_args(tmp_path, "--data.synthetic", "False", "--sids.items", str(items),
+                                          "--sids.interactions", str(interactions), "--sids.codes", "4"))
+    assert code == 0, err
+    new = minionerec.load_catalogue(tmp_path / "sids", "Synthetic")
+    assert new.item_ids == catalogue.item_ids and new.titles == catalogue.titles
+    assert len(set(new.sid_of.values())) == 40
+    for split in minionerec.SPLITS:
+        old_rows, new_rows = minionerec.load_split(catalogue, split), minionerec.load_split(new, split)
+        assert [(r.history_item_ids, r.item_id, r.history_titles, r.item_title) for r in new_rows] == \
+               [(r.history_item_ids, r.item_id, r.history_titles, r.item_title) for r in old_rows]
+        assert all(r.item_sid == new.sid_of[r.item_id] for r in new_rows)
+
+
+def test_raw_items_errors(tmp_path):
+    from sidrec.sids import raw
+
+    path = tmp_path / "items.csv"
+    path.write_text("item_id,title\n1,Valve\n2,\n")
+    with pytest.raises(minionerec.DataError, match=rf"^{path}:3: item '2' has no title"):
+        raw.read_items(path)
+    path.write_text("item_id,title\n1,Valve\n1,Sensor\n")
+    with pytest.raises(minionerec.DataError, match=rf"^{path}:3: item id '1' appears twice"):
+        raw.read_items(path)
+    path.write_text("item_id,title\n")
+    with pytest.raises(minionerec.DataError, match="no items; the catalogue is empty"):
+        raw.read_items(path)
+    jsonl = tmp_path / "items.jsonl"
+    jsonl.write_text('{"item_id": 1, "title": "Valve"}\n{"item_id": 2, "title": "Sensor"\n')
+    with pytest.raises(minionerec.DataError, match=rf"^{jsonl}:2: not valid JSON"):
+        raw.read_items(jsonl)
+
+
+def test_raw_interaction_naming_an_unknown_item(tmp_path, capsys):
+    from test_input_files import assert_one_error_line
+
+    root = synthetic.write_synthetic(tmp_path / "data", n_items=20, n_users=20, seed=3)
+    _, items, interactions = raw_inputs(tmp_path, root, keep_titles=True)
+    [path] = (interactions / "valid").glob("*.csv")
+    lines = path.read_text().splitlines()
+    header = next(csv.reader([lines[0]]))
+    row = next(csv.reader([lines[1]]))
+    row[header.index("item_id")] = "777"
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(row)
+    path.write_text("\n".join([lines[0], out.getvalue().rstrip("\n"), *lines[2:]]) + "\n")
+    code, err = run_cli(capsys, sids_args(tmp_path, "--data.synthetic", "False", "--sids.items", str(items),
+                                          "--sids.interactions", str(interactions)))
+    assert_one_error_line(code, err, f"{path}:2: item id '777' is not in the items file")

@@ -19,7 +19,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-
 SWAP_ROUNDS = 2         # exchange rounds inside each balanced Lloyd step (cheap, most of the gain)
 FINAL_SWAP_ROUNDS = 100  # ... and for the returned assignment (until no exchange helps)
 

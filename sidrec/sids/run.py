@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import numpy as np
 
 from sidrec import build, parallel
 from sidrec.config import Config
-from sidrec.sids import embed, files, quantize
+from sidrec.data import minionerec
+from sidrec.sids import embed, files, quantize, raw
 
 REPORT_FILE = "sids_report.json"
 
@@ -52,9 +54,17 @@ def build_sids(cfg: Config, catalogue, x: np.ndarray) -> tuple[list[tuple[str, .
 
 
 def run_sids(cfg: Config) -> dict:
+    if cfg.sids.items is None:
+        return _run(cfg, build.load_catalogue(cfg))
+    with tempfile.TemporaryDirectory(prefix="sidrec-raw-") as staging:
+        root = raw.stage(cfg.sids.items, cfg.sids.interactions, cfg.data.category, Path(staging))
+        print(f"raw inputs: {cfg.sids.items} and {cfg.sids.interactions}")
+        return _run(cfg, minionerec.load_catalogue(root, cfg.data.category))
+
+
+def _run(cfg: Config, catalogue) -> dict:
     started = time.perf_counter()
     s = cfg.sids
-    catalogue = build.load_catalogue(cfg)
     out = Path(s.out)
     amazon = out / "Amazon"
     if amazon.exists() and not s.overwrite:  # checked before the work, not after it

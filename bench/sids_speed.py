@@ -1,0 +1,110 @@
+"""SID construction, side by side with upstream's implementations of the same methods, on the same
+embeddings (Industrial, the TF-IDF fallback embedding so no pretrained model is needed):
+
+- residual k-means, 3 levels x 256 codes: ours (`cli.py sids --sids.method rqkmeans`, JAX) vs upstream
+  rqkmeans_faiss.py's `faiss.ResidualQuantizer(d, 3, 8)` (Train_default, max_beam_size 1);
+- balanced residual k-means: ours (`rqkmeans-balanced`: sizes floor/ceil of n/K) vs upstream
+  rqkmeans_constrained.py's `KMeansConstrained(size_min=n//K-1, size_max=n//K+1, n_init=3, max_iter=100)`
+  per level (upstream's settings; `--constrained-n-init 1` for a shorter run).
+
+Reported per method: wall time (ours includes compilation, as a user's single run does), residual MSE
+after the last level, unique SIDs before dedup, cluster sizes. Needs `pip install -e '.[sids-bench]'`.
+
+    python -m bench.sids_speed [--constrained-n-init 3] [--dim 256]
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from bench import common
+
+
+def _ours(x: np.ndarray, balanced: bool, iterations: int) -> dict:
+    from sidrec.sids import quantize
+
+    started = time.perf_counter()
+    q = quantize.residual_kmeans(x, (256, 256, 256), iterations=iterations, balanced=balanced, seed=42)
+    wall = time.perf_counter() - started
+    return _summary(x, q.codes, q.codebooks, wall)
+
+
+def _summary(x: np.ndarray, codes: np.ndarray, codebooks, wall: float) -> dict:
+    from sidrec.sids import quantize
+
+    reconstruction = sum(cb[codes[:, level]] for level, cb in enumerate(codebooks))
+    stats = quantize.code_statistics(codes)
+    return {"wall_s": wall, "residual_mse": float(np.mean((x - reconstruction) ** 2)),
+            "unique_sids": stats["unique_sids"], "collision_groups": stats["collision_groups"],
+            "cluster_sizes": [[lv["min_cluster"], lv["max_cluster"]] for lv in stats["levels"]]}
+
+
+def _faiss(x: np.ndarray) -> dict:
+    import faiss
+
+    started = time.perf_counter()
+    rq = faiss.ResidualQuantizer(x.shape[1], 3, 8)
+    rq.train_type = faiss.ResidualQuantizer.Train_default
+    rq.max_beam_size = 1
+    rq.train(np.ascontiguousarray(x))
+    codes = rq.compute_codes(np.ascontiguousarray(x)).astype(np.int32)  # 8 bits a level: one byte each
+    wall = time.perf_counter() - started
+    books = faiss.vector_to_array(rq.codebooks).astype(np.float32).reshape(3, 256, x.shape[1])
+    return _summary(x, codes, list(books), wall)
+
+
+def _constrained(x: np.ndarray, n_init: int) -> dict:
+    from k_means_constrained import KMeansConstrained
+
+    n, k = len(x), 256
+    started = time.perf_counter()
+    residual, codes, books = x.copy(), [], []
+    for level in range(3):
+        seed = int(np.random.RandomState(42 + level).randint(0, 2**31 - 1))  # upstream's per-level seed
+        model = KMeansConstrained(n_clusters=k, size_min=max(1, n // k - 1), size_max=n // k + 1, max_iter=100,
+                                  tol=1e-7, random_state=seed, n_init=n_init, n_jobs=-1)
+        labels = model.fit_predict(residual)
+        codes.append(labels.astype(np.int32))
+        books.append(model.cluster_centers_.astype(np.float32))
+        residual = residual - books[-1][labels]
+    wall = time.perf_counter() - started
+    return _summary(x, np.stack(codes, 1), books, wall)
+
+
+def main(dim: int = 256, iterations: int = 50, constrained_n_init: int = 3) -> None:
+    """dim: TF-IDF SVD dimensions; iterations: our Lloyd steps per level; constrained_n_init: upstream's 3."""
+    common.require_shared()
+    try:
+        import faiss  # noqa: F401
+        import k_means_constrained  # noqa: F401
+    except ImportError as err:
+        raise common.BenchUnavailable(f"{err.name} not installed (pip install -e '.[sids-bench]')") from None
+    from sidrec.data import minionerec
+    from sidrec.sids import embed
+
+    catalogue = minionerec.load_catalogue(common.SHARED / "data", common.CATEGORY)
+    x = embed.tfidf_embeddings(embed.item_texts(catalogue, embed.read_item_features(catalogue)), dim, seed=42)
+    results = {"items": len(x), "dim": int(x.shape[1]),
+               "rqkmeans": {"ours": _ours(x, False, iterations), "faiss": _faiss(x)},
+               "balanced": {"ours": _ours(x, True, iterations), "k_means_constrained": _constrained(x, constrained_n_init)}}
+    for method, sides in (("rqkmeans", results["rqkmeans"]), ("balanced", results["balanced"])):
+        names = list(sides)
+        sides["speedup"] = sides[names[1]]["wall_s"] / sides[names[0]]["wall_s"]
+        print(f"{method}: " + "; ".join(f"{name} {sides[name]['wall_s']:.1f} s, residual MSE "
+                                        f"{sides[name]['residual_mse']:.3g}, unique {sides[name]['unique_sids']}, sizes "
+                                        f"{sides[name]['cluster_sizes']}" for name in names)
+              + f"; ours {sides['speedup']:.1f}x faster")
+    common.write_result("sids_speed", {"category": common.CATEGORY, "embedding": f"tfidf {dim}",
+                                       "levels": 3, "codes": 256, "our_iterations": iterations,
+                                       "constrained_n_init": constrained_n_init}, results)
+
+
+if __name__ == "__main__":
+    import tyro
+
+    try:
+        tyro.cli(main)
+    except common.BenchUnavailable as reason:
+        print(f"sids_speed skipped: {reason}")
