@@ -218,9 +218,9 @@ class SidsConfig:
     interactions: str | None = None
     """Raw inputs: a directory with train/, valid/, test/ holding <Category>_*.csv (upstream's columns;
     SID and title columns optional)."""
-    method: Literal["rqkmeans", "rqkmeans-balanced"] = "rqkmeans-balanced"
-    """Residual k-means (upstream rqkmeans_faiss.py's algorithm) or its balanced variant, every cluster
-    floor(n/K) or ceil(n/K) items (upstream rqkmeans_constrained.py)."""
+    method: Literal["rqkmeans", "rqkmeans-balanced", "rqvae"] = "rqkmeans-balanced"
+    """Residual k-means (upstream rqkmeans_faiss.py's algorithm), its balanced variant with every cluster
+    floor(n/K) or ceil(n/K) items (upstream rqkmeans_constrained.py), or an RQ-VAE (upstream rqvae.py)."""
     levels: int = 3
     """Quantisation levels (SID tokens before dedup)."""
     codes: int = 256
@@ -241,6 +241,16 @@ class SidsConfig:
     """Tokens kept per item text (hf embeddings; upstream max_sent_len 2048)."""
     kmeans_iterations: int = 50
     """Lloyd iterations per level (after k-means++ seeding)."""
+    rqvae_layers: tuple[int, ...] = (2048, 1024, 512, 256, 128, 64)
+    """RQ-VAE encoder hidden sizes (decoder mirrored; upstream's default)."""
+    rqvae_e_dim: int = 32
+    """RQ-VAE latent and codebook dimension (upstream: 32)."""
+    rqvae_epochs: int = 10000
+    """RQ-VAE training epochs (upstream rqvae.sh: 10000)."""
+    rqvae_batch_size: int = 20480
+    """RQ-VAE batch (upstream rqvae.sh: 20480, i.e. the whole catalogue)."""
+    rqvae_lr: float = 1e-3
+    """RQ-VAE AdamW learning rate (upstream: 1e-3, constant after 50 warmup epochs)."""
     sinkhorn_rounds: int = 20
     """Re-assignment rounds of --sids.dedup sinkhorn (upstream: up to 20)."""
     sinkhorn_epsilon: float = 0.003
@@ -387,6 +397,8 @@ def _validation_errors(cfg: Config):
         yield "--sids.embeddings npy needs --sids.embeddings-npy FILE"
     if sids.embeddings == "hf" and not m.hf_path:
         yield "--sids.embeddings hf needs --model.hf-path (a Qwen2-family Hugging Face directory)"
+    if sids.rqvae_epochs < 1 or sids.rqvae_batch_size < 1 or sids.rqvae_e_dim < 1 or sids.rqvae_lr <= 0:
+        yield "--sids.rqvae-epochs, --sids.rqvae-batch-size and --sids.rqvae-e-dim must be >= 1, --sids.rqvae-lr > 0"
     if sids.kmeans_iterations < 1 or sids.tfidf_dim < 1 or sids.sinkhorn_rounds < 0 or sids.sinkhorn_epsilon <= 0:
         yield ("--sids.kmeans-iterations and --sids.tfidf-dim must be >= 1, --sids.sinkhorn-rounds >= 0, "
                "--sids.sinkhorn-epsilon > 0")

@@ -9,10 +9,11 @@ Two items can end with the same codes (a collision: the model could not tell the
   order. Upstream appends r+1 only to colliding items, so its SIDs have 3 or 4 tokens; sidrec's trie
   (and the fixed number of generated SID tokens in upstream's own beam constraint) wants one depth, so
   every item gets the token and singletons get <d_0>.
-- `sinkhorn` (upstream rqvae's collision handling): the items of colliding groups are re-assigned on
-  the last level by a Sinkhorn-balanced transport of their last residual over that level's codebook,
-  for up to `rounds` rounds; whatever still collides then moves to its nearest last-level code that no
-  other item with the same prefix uses. Collision-free whenever no prefix holds more than K_last items.
+- `sinkhorn` (upstream rqvae's generate_indices.py): each colliding group is re-assigned on the last
+  level by a Sinkhorn-balanced transport of its items' last residuals over that level's codebook, for up
+  to `rounds` rounds; upstream keeps what still collides after that (its shipped indices hold 15-16
+  collisions), we then move each remaining item to its nearest last-level code that no other item with
+  the same prefix uses. Collision-free whenever no prefix holds more than K_last items.
 - `none`: keep collisions (upstream's shipped indices have 16 and 15 of them).
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -81,33 +81,40 @@ def add_extra_level(codes: np.ndarray) -> np.ndarray:
     return np.concatenate([codes, rank[:, None]], 1)
 
 
-@partial(jax.jit, static_argnames="iterations")
-def sinkhorn_assign(distances: jax.Array, epsilon: float, iterations: int) -> jax.Array:
-    """Argmax of the entropic transport of n items over K codes with uniform marginals (upstream's
-    sinkhorn_algorithm in rq/models/vq.py: distances min-max normalised, Q = exp(-D / epsilon))."""
-    d = (distances - distances.min()) / jnp.maximum(distances.max() - distances.min(), 1e-12)
-    log_q = -d / epsilon
-    n, k = d.shape
-
-    def step(_, log_q):
-        log_q = log_q - jax.nn.logsumexp(log_q, 0, keepdims=True) - jnp.log(k)   # columns sum 1/K
-        return log_q - jax.nn.logsumexp(log_q, 1, keepdims=True) - jnp.log(n)    # rows sum 1/n
-
-    return jnp.argmax(jax.lax.fori_loop(0, iterations, step, log_q), 1).astype(jnp.int32)
+def sinkhorn_assign(distances: np.ndarray, epsilon: float, iterations: int) -> np.ndarray:
+    """Upstream rq/models/vq.py + layers.py sinkhorn_algorithm, transcribed (float64): distances centred
+    to [-1, 1], Q = exp(-D / epsilon) normalised to sum 1, then `iterations` times rows to 1/B and
+    columns to 1/K (columns last); each item takes its row's argmax."""
+    d = np.asarray(distances, np.float64)
+    middle = (d.max() + d.min()) / 2
+    d = (d - middle) / (d.max() - middle + 1e-5)
+    q = np.exp(-(d - d.min()) / epsilon)  # the shift cancels in the normalisations and avoids overflow
+    q /= q.sum()
+    b, k = q.shape
+    for _ in range(iterations):
+        q /= q.sum(1, keepdims=True) * b
+        q /= q.sum(0, keepdims=True) * k
+    return np.argmax(q, 1).astype(np.int32)
 
 
 def sinkhorn_dedup(x: np.ndarray, quantized: Quantized, *, rounds: int, epsilon: float,
                    iterations: int = 50) -> tuple[np.ndarray, int]:
-    """Collision-free codes (see module doc) and how many items the final nearest-free pass moved."""
+    """Collision-free codes (see module doc) and how many items the final nearest-free pass moved.
+
+    As upstream generate_indices.py: each round, each colliding group's items get last-level codes from a
+    Sinkhorn transport of that group alone over the last codebook (the earlier levels keep plain argmin),
+    until no collision is left or `rounds` is reached; upstream stops there and keeps what still
+    collides, we then move those to the nearest free code."""
     codes = quantized.codes.copy()
     last = quantized.codebooks[-1]
     before_last = x - sum(cb[codes[:, level]] for level, cb in enumerate(quantized.codebooks[:-1]))
     distances = np.asarray(km.squared_distances(jnp.asarray(before_last), jnp.asarray(last)))
     for _ in range(rounds):
-        members = sorted(i for group in collision_groups(codes) for i in group)
-        if not members:
+        groups = collision_groups(codes)
+        if not groups:
             return codes, 0
-        codes[members, -1] = np.asarray(sinkhorn_assign(jnp.asarray(distances[members]), epsilon, iterations))
+        for group in groups:
+            codes[group, -1] = sinkhorn_assign(distances[group], epsilon, iterations)
     return _nearest_free(codes, distances)
 
 

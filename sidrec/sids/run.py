@@ -13,7 +13,7 @@ import numpy as np
 from sidrec import build, parallel
 from sidrec.config import Config
 from sidrec.data import minionerec
-from sidrec.sids import embed, files, quantize, raw
+from sidrec.sids import embed, files, quantize, raw, rqvae
 
 REPORT_FILE = "sids_report.json"
 
@@ -36,8 +36,18 @@ def item_embeddings(cfg: Config, catalogue) -> tuple[np.ndarray, str]:
 def build_sids(cfg: Config, catalogue, x: np.ndarray) -> tuple[list[tuple[str, ...]], dict]:
     """SID tokens per item (index order) and the report's quantisation part."""
     s = cfg.sids
-    quantized = quantize.residual_kmeans(x, (s.codes,) * s.levels, iterations=s.kmeans_iterations,
-                                         balanced=s.method == "rqkmeans-balanced", seed=cfg.seed)
+    extra = {}
+    if s.method == "rqvae":
+        settings = rqvae.RQVAESettings(layers=s.rqvae_layers, e_dim=s.rqvae_e_dim, codes=(s.codes,) * s.levels,
+                                       lr=s.rqvae_lr, epochs=s.rqvae_epochs, batch_size=s.rqvae_batch_size,
+                                       warmup_epochs=min(50, s.rqvae_epochs // 10), eval_every=min(50, s.rqvae_epochs),
+                                       kmeans_iterations=s.kmeans_iterations)
+        quantized, latents, summary = rqvae.train_rqvae(x, settings, cfg.seed)
+        x = latents  # the quantised space: dedup and the residual statistics live there
+        extra = {"rqvae": {k: v for k, v in summary.items() if k != "history"}}
+    else:
+        quantized = quantize.residual_kmeans(x, (s.codes,) * s.levels, iterations=s.kmeans_iterations,
+                                             balanced=s.method == "rqkmeans-balanced", seed=cfg.seed)
     before = quantize.code_statistics(quantized.codes)
     moved = 0
     if s.dedup == "extra-level" and before["collision_groups"]:
@@ -49,7 +59,7 @@ def build_sids(cfg: Config, catalogue, x: np.ndarray) -> tuple[list[tuple[str, .
     after = quantize.code_statistics(codes)
     report = {"residual_mse_per_level": list(quantized.residual_mse),
               "relative_residual_per_level": [m / float(np.mean(x * x)) for m in quantized.residual_mse],
-              "before_dedup": before, "after_dedup": after, "moved_by_nearest_free_code": moved}
+              "before_dedup": before, "after_dedup": after, "moved_by_nearest_free_code": moved, **extra}
     return quantize.sid_tokens(codes), report
 
 
