@@ -239,8 +239,9 @@ class SidsConfig:
     """Items per device per forward (hf embeddings)."""
     embed_max_len: int = 512
     """Tokens kept per item text (hf embeddings; upstream max_sent_len 2048)."""
-    kmeans_iterations: int = 50
-    """Lloyd iterations per level (after k-means++ seeding)."""
+    kmeans_iterations: int = 20
+    """Most Lloyd iterations per level after k-means++ seeding (fewer once assignments stop changing;
+    balanced, Industrial TF-IDF: residual MSE 0.001059 / 0.001046 / 0.001048 at 10 / 20 / 50)."""
     rqvae_layers: tuple[int, ...] = (2048, 1024, 512, 256, 128, 64)
     """RQ-VAE encoder hidden sizes (decoder mirrored; upstream's default)."""
     rqvae_e_dim: int = 32

@@ -139,9 +139,10 @@ def balanced_assign(distances: jax.Array, swap_rounds: int = 0) -> jax.Array:
 def kmeans(key: jax.Array, x: jax.Array, k: int, iterations: int, balanced: bool = False,
            swap_rounds: int = SWAP_ROUNDS, final_swap_rounds: int = FINAL_SWAP_ROUNDS
            ) -> tuple[jax.Array, jax.Array]:
-    """(centres [k, d], assignment [n]) after k-means++ seeding and `iterations` Lloyd steps; the
-    returned assignment is the final step's (nearest centre, or balanced with up to final_swap_rounds
-    exchange rounds; swap_rounds in each Lloyd step)."""
+    """(centres [k, d], assignment [n]) after k-means++ seeding and at most `iterations` Lloyd steps
+    (fewer once a step leaves every assignment unchanged); the returned assignment is for the final
+    centres (nearest centre, or balanced with up to final_swap_rounds exchange rounds; swap_rounds in
+    each Lloyd step)."""
     if balanced:
         assign_step = partial(balanced_assign, swap_rounds=swap_rounds)
         final_step = partial(balanced_assign, swap_rounds=final_swap_rounds)
@@ -149,9 +150,16 @@ def kmeans(key: jax.Array, x: jax.Array, k: int, iterations: int, balanced: bool
         assign_step = final_step = lambda d: jnp.argmin(d, 1).astype(jnp.int32)
     centres = kmeans_plus_plus(key, x, k)
 
-    def step(_, centres):
-        distances = squared_distances(x, centres)
-        return _update_centres(x, assign_step(distances), centres, distances)
+    def not_converged(state):
+        i, _, _, changed = state
+        return (i < iterations) & changed
 
-    centres = jax.lax.fori_loop(0, iterations, step, centres)
+    def step(state):
+        i, centres, previous, _ = state
+        distances = squared_distances(x, centres)
+        assign = assign_step(distances)
+        return i + 1, _update_centres(x, assign, centres, distances), assign, jnp.any(assign != previous)
+
+    start = (0, centres, jnp.full(x.shape[0], -1, jnp.int32), True)
+    _, centres, _, _ = jax.lax.while_loop(not_converged, step, start)
     return centres, final_step(squared_distances(x, centres))
