@@ -85,7 +85,7 @@ def make_train_step(model_cfg, tx: optax.GradientTransformation, mesh, partition
         n_targets = jnp.maximum(batch["n_targets"], 1.0)
         loss = loss_sum / n_targets
         grads = jax.tree.map(lambda g: g / n_targets, grad_sum)
-        grad_norm = optax.tree_utils.tree_l2_norm(grads)
+        grad_norm = optax.tree_utils.tree_norm(grads)
         updates, new_opt_state = tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -189,7 +189,7 @@ def make_update(model_cfg, tx: optax.GradientTransformation, mesh, partition_spe
         (loss_sum, kl_sum, grad_sum), _ = jax.lax.scan(
             accumulate, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros), micro_batches)
         grads = jax.tree.map(lambda g: g / count, grad_sum)
-        grad_norm = optax.tree_utils.tree_l2_norm(grads)
+        grad_norm = optax.tree_utils.tree_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
