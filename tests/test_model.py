@@ -26,8 +26,20 @@ FP32_TOL = 1e-4
 SELF_TOL = 2e-5
 
 forward = jax.jit(qwen2.forward, static_argnums=1)
-prefill = jax.jit(qwen2.prefill, static_argnums=1, static_argnames=("num_beams", "max_new_tokens"))
-decode_step = jax.jit(qwen2.decode_step, static_argnums=1)
+
+
+@partial(jax.jit, static_argnums=1, static_argnames=("num_beams", "max_new_tokens"))
+def prefill(params, cfg, tokens, mask, **sizes):
+    """qwen2.prefill with its hidden state turned into next-token logits."""
+    hidden, cache = qwen2.prefill(params, cfg, tokens, mask, **sizes)
+    return qwen2.vocab_logits(params, cfg, hidden), cache
+
+
+@partial(jax.jit, static_argnums=1)
+def decode_step(params, cfg, tokens, cache):
+    hidden, cache = qwen2.decode_step(params, cfg, tokens, cache)
+    return qwen2.vocab_logits(params, cfg, hidden), cache
+
 reorder_beams = jax.jit(qwen2.reorder_beams)
 
 

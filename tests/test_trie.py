@@ -55,8 +55,9 @@ def test_every_prefix_allows_exactly_upstreams_tokens(industrial):
     seen = 0
     for level in range(trie.num_steps):
         prefixes = list(frontier)
-        tokens, children, valid = map(np.asarray, candidates(trie, jnp.array([frontier[p] for p in prefixes]),
-                                                               level))
+        tokens, slots, children, valid = map(np.asarray, candidates(trie, jnp.array([frontier[p] for p in prefixes]),
+                                                                    level))
+        np.testing.assert_array_equal(np.asarray(trie.tokens)[slots[valid]], tokens[valid])
         next_frontier = {}
         for row, prefix in enumerate(prefixes):
             assert set(tokens[row][valid[row]].tolist()) == expected[prefix], prefix
@@ -65,7 +66,7 @@ def test_every_prefix_allows_exactly_upstreams_tokens(industrial):
         seen += len(prefixes)
         frontier = next_frontier
     assert seen == len(expected)  # every upstream prefix was reached
-    leaves = np.asarray(candidates(trie, jnp.array(list(frontier.values())))[2])
+    leaves = np.asarray(candidates(trie, jnp.array(list(frontier.values())))[3])
     assert len(frontier) == 3670 and not leaves.any()  # distinct SIDs; a full suffix allows nothing more
     assert trie.level_fanout[0] == 48 and trie.level_fanout[3:] == (1, 1)
     assert trie.num_nodes == len(expected) + 3670  # root and inner prefixes + leaves
@@ -74,11 +75,11 @@ def test_every_prefix_allows_exactly_upstreams_tokens(industrial):
 def test_padding_and_invalid_node_are_masked():
     trie = trie_from_token_ids([[5, 7], [5, 8], [6, 7], [5, 7]], newline_id=1, eos_id=2)
     assert trie.level_fanout == (2, 2, 1, 1)
-    tokens, children, valid = candidates(trie, jnp.array([[ROOT_NODE, INVALID_NODE]]), 0)
+    tokens, _, children, valid = candidates(trie, jnp.array([[ROOT_NODE, INVALID_NODE]]), 0)
     np.testing.assert_array_equal(tokens, [[[5, 6], [0, 0]]])
     np.testing.assert_array_equal(valid, [[[True, True], [False, False]]])
     first_6 = int(children[0, 0, 1])
-    tokens, children, valid = candidates(trie, jnp.array([first_6]), 1)  # '6' has one child of two slots
+    tokens, _, children, valid = candidates(trie, jnp.array([first_6]), 1)  # '6' has one child of two slots
     np.testing.assert_array_equal(tokens, [[7, 0]])
     np.testing.assert_array_equal(valid, [[True, False]])
     assert int(children[0, 1]) == INVALID_NODE
@@ -91,14 +92,14 @@ def test_candidates_inside_jit_with_a_traced_level_pads_to_the_widest_level():
     def walk(path):
         node = jnp.array(ROOT_NODE)
         for token in path:
-            tokens, children, valid = candidates(trie, node)
+            tokens, _, children, valid = candidates(trie, node)
             node = jnp.where(valid & (tokens == token), children, INVALID_NODE).max()
         return candidates(trie, node)
 
-    tokens, _, valid = walk(jnp.array([5, 9, 1]))
+    tokens, _, _, valid = walk(jnp.array([5, 9, 1]))
     assert tokens.shape == (3,) and trie.max_fanout == 3
     np.testing.assert_array_equal(np.asarray(tokens)[np.asarray(valid)], [2])  # after '\n' only EOS
-    _, _, valid = walk(jnp.array([6, 9, 1]))  # '6 9' is not a SID
+    _, _, _, valid = walk(jnp.array([6, 9, 1]))  # '6 9' is not a SID
     assert not np.asarray(valid).any()
 
 

@@ -15,8 +15,10 @@ Constrained, a continuation outside the trie costs -1e6 like upstream's mask; su
 matter when fewer than W allowed ones exist (Industrial's 48 first-level codes for 50 beams), and then
 sit below every valid one, their beams never coming back into the trie.
 
-The model is reached only through `prefill`, `decode_step` and `reorder_beams` (sidrec.model.qwen2's
-signatures): the prompt is prefilled once and its K/V shared by all beams.
+The model is reached only through `prefill`, `decode_step`, `reorder_beams` and `output_head`
+(sidrec.model.qwen2's signatures): the prompt is prefilled once and its K/V shared by all beams. Steps
+never form the [beams, vocabulary] logits: the normaliser is a chunked logsumexp over the head, and
+a constrained step takes the logits of the trie's few hundred tokens only.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from sidrec.decode.trie import INVALID_NODE, ROOT_NODE, SidTrie, candidates
-from sidrec.model import qwen2
+from sidrec.model import qwen2, vocab
 
 NOT_A_BEAM = -1e9      # HF's score of an empty slot (beams 1.. at step 0, unfilled finished slots)
 DISALLOWED = -1e6      # upstream's additive mask on tokens the trie does not allow
@@ -56,42 +58,61 @@ def beam_search(params, cfg, trie: SidTrie, tokens: jax.Array, mask: jax.Array, 
     Compiles once per (prompt shape, num_beams, constrained, trie fan-outs).
     """
     steps = trie.num_steps
-    logits, cache = qwen2.prefill(params, cfg, tokens, mask, num_beams=num_beams, max_new_tokens=steps - 1)
+    hidden, cache = qwen2.prefill(params, cfg, tokens, mask, num_beams=num_beams, max_new_tokens=steps - 1)
+    head = Head.of(params, cfg, trie, constrained)
     state = _initial_state(tokens.shape[0], num_beams, steps, trie.eos_id)
-    advance = functools.partial(_advance, trie=trie, num_beams=num_beams, constrained=constrained)
+    advance = functools.partial(_advance, trie=trie, head=head, num_beams=num_beams, constrained=constrained)
     # Step 0: every beam would continue the same prompt, so only beam 0's continuations exist.
-    state, _ = advance(state, logits[:, None, :], step=0, level=0)
+    state, _ = advance(state, hidden[:, None, :], step=0, level=0)
 
     def body(carry, step):
         state, cache = carry
-        logits, cache = qwen2.decode_step(params, cfg, state.running_tokens[:, :, step - 1], cache)
-        state, parent = advance(state, logits, step=step, level=None)
+        hidden, cache = qwen2.decode_step(params, cfg, state.running_tokens[:, :, step - 1], cache)
+        state, parent = advance(state, hidden, step=step, level=None)
         return (state, qwen2.reorder_beams(cache, parent)), None
 
     (state, _), _ = jax.lax.scan(body, (state, cache), jnp.arange(1, steps))
     return state.finished_tokens, state.finished_scores
 
 
-class LogProbs(NamedTuple):
-    """log_softmax(logits) without materialising it over the vocabulary: logits - logsumexp."""
+class Head(NamedTuple):
+    """The output projection as a beam step uses it: the full head [d, V] for the normaliser and the
+    rare full-vocabulary top-k, and its columns at the trie's tokens [d, T] (all a constrained step
+    needs logits of; gathered once per search)."""
 
-    logits: jax.Array     # f32 [B, S, V]
+    full: jax.Array
+    catalogue: jax.Array | None
+    real_vocab: int
+
+    @classmethod
+    def of(cls, params, cfg, trie: SidTrie, constrained: bool) -> Head:
+        full = qwen2.output_head(params, cfg)
+        return cls(full, jnp.take(full, trie.tokens, axis=1) if constrained else None, cfg.real_vocab_size)
+
+
+class LogProbs(NamedTuple):
+    """Full-vocabulary log_softmax(hidden @ head) of the running beams, never materialised over the
+    vocabulary (sidrec.model.vocab walks the head in chunks): logits where needed, minus the normaliser."""
+
+    hidden: jax.Array      # [B, S, d]
+    head: Head
     normalizer: jax.Array  # f32 [B, S, 1]
 
     @classmethod
-    def of(cls, logits: jax.Array) -> LogProbs:
-        logits = logits.astype(jnp.float32)
-        return cls(logits, jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    def of(cls, hidden: jax.Array, head: Head) -> LogProbs:
+        return cls(hidden, head, vocab.logsumexp(hidden, head.full, head.real_vocab)[..., None])
 
     @property
     def vocab_size(self) -> int:
-        return self.logits.shape[-1]
+        return self.head.real_vocab
 
-    def at(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take_along_axis(self.logits, tokens, axis=-1) - self.normalizer
+    def at_catalogue_tokens(self) -> jax.Array:
+        """f32 [B, S, T]: log-probabilities of the trie's tokens."""
+        logits = jnp.einsum("bsd,dt->bst", self.hidden, self.head.catalogue, preferred_element_type=jnp.float32)
+        return logits - self.normalizer
 
     def top_k(self, k: int) -> tuple[jax.Array, jax.Array]:
-        values, tokens = jax.lax.top_k(self.logits, k)
+        values, tokens = vocab.top_k(self.hidden, self.head.full, self.head.real_vocab, k)
         return values - self.normalizer, tokens
 
 
@@ -107,14 +128,14 @@ def _initial_state(batch: int, num_beams: int, steps: int, eos_id: int) -> BeamS
     )
 
 
-def _advance(state: BeamState, logits: jax.Array, *, step, level: int | None, trie: SidTrie, num_beams: int,
-             constrained: bool) -> tuple[BeamState, jax.Array]:
-    """One HF beam-search step from the next-token logits [B, S, V] of the S running beams.
+def _advance(state: BeamState, hidden: jax.Array, *, step, level: int | None, trie: SidTrie, head: Head,
+             num_beams: int, constrained: bool) -> tuple[BeamState, jax.Array]:
+    """One HF beam-search step from the final hidden states [B, S, d] of the S running beams.
 
     Returns the new state (W running beams) and each running beam's parent [B, W] (to reorder caches).
     """
     W, K = num_beams, 2 * num_beams
-    logp = LogProbs.of(logits)
+    logp = LogProbs.of(hidden, head)
     if constrained:
         scores, tokens, children = _constrained_continuations(state, logp, trie, level, W)
     else:
@@ -182,8 +203,8 @@ def _constrained_continuations(state: BeamState, logp: LogProbs, trie: SidTrie, 
                                num_beams: int):
     """Allowed children of each beam's trie node, plus (when some prompt has fewer than W of those)
     each beam's best disallowed tokens at -1e6, as upstream's mask would rank them."""
-    allowed_tokens, children, valid = candidates(trie, state.running_nodes, level)
-    allowed_logp = logp.at(allowed_tokens)
+    allowed_tokens, slots, children, valid = candidates(trie, state.running_nodes, level)
+    allowed_logp = jnp.take_along_axis(logp.at_catalogue_tokens(), slots, axis=-1)
     allowed_scores = jnp.where(valid, state.running_scores[..., None] + allowed_logp, -jnp.inf)
 
     k = min(2 * num_beams, logp.vocab_size)

@@ -36,6 +36,8 @@ class TrieError(UserError):
 class SidTrie:
     row_start: jax.Array    # int32 [num_nodes + 1]: children of node n are edges row_start[n]:row_start[n+1]
     child_token: jax.Array  # int32 [num_nodes - 1]: token id of edge e (which leads to node e + 1)
+    tokens: jax.Array       # int32 [T]: the distinct tokens of all edges, sorted
+    child_slot: jax.Array   # int32 [num_nodes - 1]: position of edge e's token in `tokens`
     level_fanout: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     """Most children of any node at each generated step (len = SID depth + 2)."""
     newline_id: int = dataclasses.field(metadata={"static": True})
@@ -114,16 +116,20 @@ def _trie_from_sorted_paths(paths: np.ndarray, newline_id: int, eos_id: int) -> 
     # Edge e leads to node e + 1; parents are non-decreasing along edges, so CSR rows are contiguous.
     edge_parent = np.concatenate(child_parents)
     row_start = np.searchsorted(edge_parent, np.arange(next_id + 1), side="left").astype(np.int32)
-    return SidTrie(row_start=jnp.asarray(row_start), child_token=jnp.asarray(np.concatenate(child_tokens)),
+    edge_tokens = np.concatenate(child_tokens)
+    tokens, child_slot = np.unique(edge_tokens, return_inverse=True)
+    return SidTrie(row_start=jnp.asarray(row_start), child_token=jnp.asarray(edge_tokens),
+                   tokens=jnp.asarray(tokens.astype(np.int32)), child_slot=jnp.asarray(child_slot.astype(np.int32)),
                    level_fanout=tuple(fanout), newline_id=int(newline_id), eos_id=int(eos_id))
 
 
 def candidates(trie: SidTrie, node: jax.Array, level: int | None = None):
     """Allowed continuations of the prefixes `node` (any shape, e.g. [B, W]); usable inside jit.
 
-    Returns (tokens, children, valid), each `node.shape + (C,)` with C the fan-out of `level` (a Python
-    int), or the largest fan-out of any level when `level` is None (a step counter traced by a scan).
-    Invalid slots (padding past a node's children, or any slot of INVALID_NODE) have token 0 and child
+    Returns (tokens, slots, children, valid), each `node.shape + (C,)` with C the fan-out of `level` (a
+    Python int), or the largest fan-out of any level when `level` is None (a step counter traced by a
+    scan); `slots` index `trie.tokens` (so the logits of `trie.tokens` are all a search needs). Invalid
+    slots (padding past a node's children, or any slot of INVALID_NODE) have token 0, slot 0 and child
     INVALID_NODE.
     """
     width = trie.max_fanout if level is None else trie.level_fanout[level]
@@ -134,5 +140,6 @@ def candidates(trie: SidTrie, node: jax.Array, level: int | None = None):
     valid = slot < count[..., None]
     edge = start[..., None] + slot
     tokens = jnp.where(valid, jnp.take(trie.child_token, edge, mode="clip"), 0)
+    slots = jnp.where(valid, jnp.take(trie.child_slot, edge, mode="clip"), 0)
     children = jnp.where(valid, edge + 1, INVALID_NODE)
-    return tokens, children, valid
+    return tokens, slots, children, valid

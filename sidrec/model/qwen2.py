@@ -405,8 +405,12 @@ def forward_hidden(params: Params, cfg: Qwen2Config, tokens, segment_ids, positi
     return _final_norm(params, cfg, x, unshard)
 
 
-def _head(params, cfg: Qwen2Config, unshard) -> jax.Array:
+def output_head(params: Params, cfg: Qwen2Config, *, unshard: Unshard | None = None) -> jax.Array:
     """The [d, v] output projection in the compute dtype (embed.T when tied)."""
+    return _head(params, cfg, unshard or _identity_unshard)
+
+
+def _head(params, cfg: Qwen2Config, unshard) -> jax.Array:
     if cfg.tie_word_embeddings:
         return unshard("embed", params["embed"]).T.astype(cfg.dtype)
     return unshard("lm_head", params["lm_head"]).astype(cfg.dtype)
@@ -497,7 +501,8 @@ class KVCache:
 
 def prefill(params: Params, cfg: Qwen2Config, tokens, mask, *, num_beams: int = 1,
             max_new_tokens: int) -> tuple[jax.Array, KVCache]:
-    """Run left-padded prompts tokens/mask [b, s]; return next-token logits [b, v] (fp32) and a cache.
+    """Run left-padded prompts tokens/mask [b, s]; return the last position's final hidden state [b, d]
+    (`vocab_logits` of it are the next-token logits) and a cache.
 
     Positions of real tokens count from the first real one (cumsum(mask) - 1), as HF generate.
     max_new_tokens bounds how many decode_step calls the cache can take.
@@ -515,7 +520,7 @@ def prefill(params: Params, cfg: Qwen2Config, tokens, mask, *, num_beams: int = 
         suffix_k=jnp.zeros(suffix_shape, cfg.dtype), suffix_v=jnp.zeros(suffix_shape, cfg.dtype),
         length=jnp.zeros((), jnp.int32), next_position=jnp.sum(mask, axis=1, dtype=jnp.int32),
     )
-    return _vocab_logits(params, cfg, last, _identity_unshard), cache
+    return last, cache
 
 
 def _decode_attention(q, k_new, v_new, *, prompt_k, prompt_v, prompt_mask, suffix_k, suffix_v, length, dtype):
@@ -544,7 +549,8 @@ def _decode_attention(q, k_new, v_new, *, prompt_k, prompt_v, prompt_mask, suffi
 
 
 def decode_step(params: Params, cfg: Qwen2Config, tokens, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Feed one token per beam, tokens [b, w]; return fp32 logits [b, w, v] and the extended cache."""
+    """Feed one token per beam, tokens [b, w]; return the final hidden states [b, w, d] (`vocab_logits` of
+    them are the next-token logits) and the extended cache."""
     positions = jnp.broadcast_to((cache.next_position + cache.length)[:, None], tokens.shape)
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
     x = _embed(params, cfg, tokens, _identity_unshard)
@@ -558,7 +564,7 @@ def decode_step(params: Params, cfg: Qwen2Config, tokens, cache: KVCache) -> tup
 
     xs = (params["layers"], cache.prompt_k, cache.prompt_v, cache.suffix_k, cache.suffix_v)
     x, (k_new, v_new) = jax.lax.scan(body, x, xs)
-    logits = _vocab_logits(params, cfg, _final_norm(params, cfg, x, _identity_unshard), _identity_unshard)
+    hidden = _final_norm(params, cfg, x, _identity_unshard)
     # Written after the scan so the suffix buffers are updated in place, not re-emitted per layer.
     # (Past max_new_tokens the index clamps to the last slot: size the cache for the whole decode.)
     cache = dataclasses.replace(
@@ -567,7 +573,7 @@ def decode_step(params: Params, cfg: Qwen2Config, tokens, cache: KVCache) -> tup
         suffix_v=jax.lax.dynamic_update_index_in_dim(cache.suffix_v, v_new, cache.length, axis=3),
         length=cache.length + 1,
     )
-    return logits, cache
+    return hidden, cache
 
 
 def reorder_beams(cache: KVCache, parent) -> KVCache:

@@ -1,0 +1,80 @@
+"""Full-vocabulary reductions of logits = hidden @ head without materialising the logits.
+
+Beam search needs, per running beam and step, the log-softmax normaliser over the whole vocabulary
+(upstream's scores are full-vocabulary log-probabilities) but the logits of only a few tokens. With a
+152k vocabulary the [beams, vocab] fp32 logits are hundreds of MB a step; on CPU writing and re-reading
+them costs more than computing them, and XLA's row reductions over them are slower still (measured in
+bench/eval_speed.py's floor section). Walking the head in column chunks keeps each chunk's logits in
+cache: one matmul, a running max and a running sum of exp per chunk (the online logsumexp).
+
+`head` is [d, v] in the compute dtype (`qwen2.output_head`); columns >= real_vocab (padding) never count.
+Logits are accumulated in fp32 like `qwen2.vocab_logits`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+CHUNK = 8192  # columns per chunk: [400 beams, 8192] fp32 is 13 MB; 2k..19k measured the same on CPU
+
+
+def _chunk_logits(flat, head, start, size):
+    columns = jax.lax.dynamic_slice_in_dim(head, start, size, axis=1)
+    return jnp.dot(flat, columns, preferred_element_type=jnp.float32)
+
+
+def _fold_chunks(fold, init, flat, head, real_vocab, chunk):
+    """fold(carry, logits [n, c], start) over the chunks of the head's first real_vocab columns (padding
+    columns are never read, so never masked): a scan over the full chunks, then the remainder (static
+    shapes; the vocabulary need not divide by the chunk)."""
+    chunk = min(chunk, real_vocab)
+    full, rest = divmod(real_vocab, chunk)
+
+    def body(carry, index):
+        start = index * chunk
+        return fold(carry, _chunk_logits(flat, head, start, chunk), start), None
+
+    carry, _ = jax.lax.scan(body, init, jnp.arange(full))
+    if rest:
+        start = full * chunk
+        carry = fold(carry, _chunk_logits(flat, head, start, rest), start)
+    return carry
+
+
+def logsumexp(hidden: jax.Array, head: jax.Array, real_vocab: int, *, chunk: int = CHUNK) -> jax.Array:
+    """fp32 [...]: logsumexp over the real vocabulary of hidden [..., d] @ head."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    ones = jnp.ones((), jnp.float32)
+
+    def fold(carry, logits, start):
+        running_max, running_sum = carry
+        new_max = jnp.maximum(running_max, logits.max(axis=-1))
+        # The sum as a matrix-vector product: XLA's CPU row reduction was ~2x slower (issue 15's probe).
+        chunk_sum = jnp.exp(logits - new_max[:, None]) @ jnp.broadcast_to(ones, logits.shape[-1:])
+        return new_max, running_sum * jnp.exp(running_max - new_max) + chunk_sum
+
+    init = (jnp.full(flat.shape[:1], -jnp.inf, jnp.float32), jnp.zeros(flat.shape[:1], jnp.float32))
+    running_max, running_sum = _fold_chunks(fold, init, flat, head, real_vocab, chunk)
+    return (running_max + jnp.log(running_sum)).reshape(hidden.shape[:-1])
+
+
+def top_k(hidden: jax.Array, head: jax.Array, real_vocab: int, k: int, *,
+          chunk: int = CHUNK) -> tuple[jax.Array, jax.Array]:
+    """(fp32 logits, int32 tokens) [..., k] of the k largest logits, as `jax.lax.top_k` of the full row
+    (ties go to the lower token id there and here: chunks are merged in vocabulary order)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    k = min(k, real_vocab)
+
+    def fold(carry, logits, start):
+        values, tokens = carry
+        chunk_values, chunk_tokens = jax.lax.top_k(logits, min(k, logits.shape[-1]))
+        merged_values = jnp.concatenate([values, chunk_values], axis=-1)
+        merged_tokens = jnp.concatenate([tokens, chunk_tokens + start], axis=-1)
+        values, best = jax.lax.top_k(merged_values, k)
+        return values, jnp.take_along_axis(merged_tokens, best, axis=-1)
+
+    init = (jnp.full((flat.shape[0], k), -jnp.inf, jnp.float32), jnp.zeros((flat.shape[0], k), jnp.int32))
+    values, tokens = _fold_chunks(fold, init, flat, head, real_vocab, chunk)
+    return values.reshape(*hidden.shape[:-1], k), tokens.reshape(*hidden.shape[:-1], k)
+
