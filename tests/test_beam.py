@@ -34,12 +34,14 @@ def _sequence_logprobs(params, cfg, prompt, suffixes) -> np.ndarray:
     return np.asarray(jnp.where(counted, picked, 0.0).sum(axis=1))
 
 
-def test_unconstrained_search_wider_than_all_continuations_matches_enumeration():
+@pytest.mark.parametrize("tied,vocab_size", [(True, 6), (False, 8)])
+def test_unconstrained_search_wider_than_all_continuations_matches_enumeration(tied, vocab_size):
     # Depth-1 "SIDs" -> 3 generated tokens over a 6-token vocabulary (EOS among them): with 160 beams
     # nothing is pruned, so the finished set is every terminal sequence (EOS ends one early), ranked.
-    # (Plain forward passes as the reference; HF parity below covers the constrained search.)
-    cfg = qwen2.Qwen2Config(vocab_size=6, real_vocab_size=6, hidden_size=32, intermediate_size=64,
-                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True,
+    # (Plain forward passes as the reference; HF parity below covers the constrained search.) Both head
+    # layouts (tied embedding, lm_head); 8 has 2 padding entries that must never be generated or counted.
+    cfg = qwen2.Qwen2Config(vocab_size=vocab_size, real_vocab_size=6, hidden_size=32, intermediate_size=64,
+                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=tied,
                             init_std=0.3)
     params = jax.jit(qwen2.init_params, static_argnums=0)(cfg, jax.random.key(1))  # one compile, not one per op
     trie = trie_from_token_ids([[0]], NEWLINE, EOS)

@@ -18,14 +18,20 @@ def _case(rows=6, dim=16, columns=1000, seed=0):
     return hidden, head
 
 
+def _heads(weight):
+    """The same projection stored both ways: as lm_head [d, v] and as a tied embedding [v, d]."""
+    return [vocab.Head(weight, 1), vocab.Head(weight.T, 0)]
+
+
 @pytest.mark.parametrize("chunk", [1000, 256, 333, 7, 4096])  # one chunk, dividing, remainder, tiny, > vocab
 def test_logsumexp_equals_the_materialised_one(chunk):
     hidden, head = _case()
     real = 937  # columns past it are padding
     logits = jnp.einsum("bsd,dv->bsv", hidden, head)[..., :real]
-    got = jax.jit(vocab.logsumexp, static_argnums=2, static_argnames="chunk")(hidden, head, real, chunk=chunk)
-    # fp32 sums of 937 terms in a different order: ~1 ulp of values ~30.
-    np.testing.assert_allclose(got, jax.nn.logsumexp(logits, axis=-1), rtol=0, atol=1e-5)
+    for stored in _heads(head):
+        got = jax.jit(vocab.logsumexp, static_argnums=2, static_argnames="chunk")(hidden, stored, real, chunk=chunk)
+        # fp32 sums of 937 terms in a different order: ~1 ulp of values ~30.
+        np.testing.assert_allclose(got, jax.nn.logsumexp(logits, axis=-1), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [1000, 256, 333, 7])
@@ -33,17 +39,18 @@ def test_top_k_equals_the_materialised_one(chunk):
     hidden, head = _case()
     real = 937
     logits = jnp.einsum("bsd,dv->bsv", hidden, head)[..., :real]
-    values, tokens = jax.jit(vocab.top_k, static_argnums=(2, 3), static_argnames="chunk")(hidden, head, real, 50,
-                                                                                        chunk=chunk)
     want_values, want_tokens = jax.lax.top_k(logits, 50)
-    np.testing.assert_array_equal(tokens, want_tokens)
-    np.testing.assert_allclose(values, want_values, rtol=0, atol=1e-5)
+    for stored in _heads(head):
+        values, tokens = jax.jit(vocab.top_k, static_argnums=(2, 3), static_argnames="chunk")(hidden, stored, real, 50,
+                                                                                            chunk=chunk)
+        np.testing.assert_array_equal(tokens, want_tokens)
+        np.testing.assert_allclose(values, want_values, rtol=0, atol=1e-5)
 
 
 def test_top_k_breaks_ties_towards_the_lower_token_like_lax_top_k():
     hidden = jnp.ones((1, 1, 1), jnp.float32)
     head = jnp.asarray(np.array([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0, 3.0]]), jnp.float32)
-    values, tokens = vocab.top_k(hidden, head, 7, 3, chunk=2)
+    values, tokens = vocab.top_k(hidden, vocab.Head(head, 1), 7, 3, chunk=2)
     np.testing.assert_array_equal(tokens[0, 0], [1, 3, 4])
     np.testing.assert_array_equal(values[0, 0], [3.0, 3.0, 3.0])
 
@@ -51,7 +58,15 @@ def test_top_k_breaks_ties_towards_the_lower_token_like_lax_top_k():
 def test_padding_columns_never_count():
     hidden, head = _case(columns=20)
     huge = head.at[:, 10:].set(100.0)  # padding columns with enormous logits
-    np.testing.assert_allclose(vocab.logsumexp(hidden, huge, 10, chunk=3), vocab.logsumexp(hidden, head[:, :10], 10),
-                               rtol=0, atol=1e-6)
-    _, tokens = vocab.top_k(hidden, huge, 10, 10, chunk=3)
+    np.testing.assert_allclose(vocab.logsumexp(hidden, vocab.Head(huge, 1), 10, chunk=3),
+                               vocab.logsumexp(hidden, vocab.Head(head[:, :10], 1), 10), rtol=0, atol=1e-6)
+    _, tokens = vocab.top_k(hidden, vocab.Head(huge.T, 0), 10, 10, chunk=3)
     assert int(tokens.max()) < 10
+
+
+def test_head_take_and_logits_agree_in_both_layouts():
+    hidden, head = _case(columns=50)
+    tokens = jnp.array([7, 3, 49, 3])
+    want = jnp.einsum("bsd,dv->bsv", hidden, head)[..., tokens]
+    for stored in _heads(head):
+        np.testing.assert_allclose(stored.take(tokens).logits(hidden), want, rtol=0, atol=1e-5)

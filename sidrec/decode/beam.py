@@ -76,23 +76,23 @@ def beam_search(params, cfg, trie: SidTrie, tokens: jax.Array, mask: jax.Array, 
 
 
 class Head(NamedTuple):
-    """The output projection as a beam step uses it: the full head [d, V] for the normaliser and the
-    rare full-vocabulary top-k, and its columns at the trie's tokens [d, T] (all a constrained step
-    needs logits of; gathered once per search)."""
+    """The output projection as a beam step uses it: the full head for the normaliser and the rare
+    full-vocabulary top-k, and its entries at the trie's tokens (all a constrained step needs logits
+    of; gathered once per search)."""
 
-    full: jax.Array
-    catalogue: jax.Array | None
+    full: vocab.Head
+    catalogue: vocab.Head | None
     real_vocab: int
 
     @classmethod
     def of(cls, params, cfg, trie: SidTrie, constrained: bool) -> Head:
         full = qwen2.output_head(params, cfg)
-        return cls(full, jnp.take(full, trie.tokens, axis=1) if constrained else None, cfg.real_vocab_size)
+        return cls(full, full.take(trie.tokens) if constrained else None, cfg.real_vocab_size)
 
 
 class LogProbs(NamedTuple):
-    """Full-vocabulary log_softmax(hidden @ head) of the running beams, never materialised over the
-    vocabulary (sidrec.model.vocab walks the head in chunks): logits where needed, minus the normaliser."""
+    """Full-vocabulary log_softmax of the running beams' logits, never materialised over the vocabulary
+    (sidrec.model.vocab walks the head in chunks): logits where needed, minus the normaliser."""
 
     hidden: jax.Array      # [B, S, d]
     head: Head
@@ -108,8 +108,7 @@ class LogProbs(NamedTuple):
 
     def at_catalogue_tokens(self) -> jax.Array:
         """f32 [B, S, T]: log-probabilities of the trie's tokens."""
-        logits = jnp.einsum("bsd,dt->bst", self.hidden, self.head.catalogue, preferred_element_type=jnp.float32)
-        return logits - self.normalizer
+        return self.head.catalogue.logits(self.hidden) - self.normalizer
 
     def top_k(self, k: int) -> tuple[jax.Array, jax.Array]:
         values, tokens = vocab.top_k(self.hidden, self.head.full, self.head.real_vocab, k)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sidrec.errors import UserError
+from sidrec.model import vocab
 from sidrec.util import round_up
 
 # Logit of vocabulary rows that exist only as padding: finite (no NaN in softmax or its gradient)
@@ -405,9 +406,12 @@ def forward_hidden(params: Params, cfg: Qwen2Config, tokens, segment_ids, positi
     return _final_norm(params, cfg, x, unshard)
 
 
-def output_head(params: Params, cfg: Qwen2Config, *, unshard: Unshard | None = None) -> jax.Array:
-    """The [d, v] output projection in the compute dtype (embed.T when tied)."""
-    return _head(params, cfg, unshard or _identity_unshard)
+def output_head(params: Params, cfg: Qwen2Config) -> vocab.Head:
+    """The output projection as stored, in the compute dtype: the [v, d] embedding when tied, else the
+    [d, v] lm_head (for sidrec.model.vocab's chunked reductions, which need no transpose)."""
+    if cfg.tie_word_embeddings:
+        return vocab.Head(params["embed"].astype(cfg.dtype), vocab_axis=0)
+    return vocab.Head(params["lm_head"].astype(cfg.dtype), vocab_axis=1)
 
 
 def _head(params, cfg: Qwen2Config, unshard) -> jax.Array:

@@ -7,26 +7,50 @@ them costs more than computing them, and XLA's row reductions over them are slow
 bench/eval_speed.py's floor section). Walking the head in column chunks keeps each chunk's logits in
 cache: one matmul, a running max and a running sum of exp per chunk (the online logsumexp).
 
-`head` is [d, v] in the compute dtype (`qwen2.output_head`); columns >= real_vocab (padding) never count.
-Logits are accumulated in fp32 like `qwen2.vocab_logits`.
+`head` is a `Head`: the projection as stored, [v, d] (a tied embedding) or [d, v] (lm_head), never
+transposed (measured for hidden 896: transposing the tied embedding cost more than half of a chunked
+logsumexp over it). Vocabulary entries >= real_vocab (padding) never count. Logits are accumulated in
+fp32 like `qwen2.vocab_logits`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-CHUNK = 8192  # columns per chunk: [400 beams, 8192] fp32 is 13 MB; 2k..19k measured the same on CPU
+CHUNK = 8192  # vocabulary entries per chunk: [400 beams, 8192] fp32 is 13 MB; 2k..16k measured alike on CPU
 
 
-def _chunk_logits(flat, head, start, size):
-    columns = jax.lax.dynamic_slice_in_dim(head, start, size, axis=1)
-    return jnp.dot(flat, columns, preferred_element_type=jnp.float32)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """The output projection: logits = hidden @ weight.T when vocab_axis is 0, hidden @ weight when 1."""
+
+    weight: jax.Array
+    vocab_axis: int = dataclasses.field(metadata={"static": True})
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 [..., n] for hidden [..., d] over all of this head's entries."""
+        spec = "...d,nd->...n" if self.vocab_axis == 0 else "...d,dn->...n"
+        return jnp.einsum(spec, hidden, self.weight, preferred_element_type=jnp.float32)
+
+    def take(self, tokens: jax.Array) -> Head:
+        """The head restricted to `tokens` [n] (in that order)."""
+        return Head(jnp.take(self.weight, tokens, axis=self.vocab_axis), self.vocab_axis)
+
+    def slice(self, start, size: int) -> Head:
+        return Head(jax.lax.dynamic_slice_in_dim(self.weight, start, size, axis=self.vocab_axis), self.vocab_axis)
+
+
+def _chunk_logits(flat, head: Head, start, size):
+    return head.slice(start, size).logits(flat)
 
 
 def _fold_chunks(fold, init, flat, head, real_vocab, chunk):
-    """fold(carry, logits [n, c], start) over the chunks of the head's first real_vocab columns (padding
-    columns are never read, so never masked): a scan over the full chunks, then the remainder (static
+    """fold(carry, logits [n, c], start) over the chunks of the head's first real_vocab entries (padding
+    is never read, so never masked): a scan over the full chunks, then the remainder (static
     shapes; the vocabulary need not divide by the chunk)."""
     chunk = min(chunk, real_vocab)
     full, rest = divmod(real_vocab, chunk)
@@ -42,8 +66,8 @@ def _fold_chunks(fold, init, flat, head, real_vocab, chunk):
     return carry
 
 
-def logsumexp(hidden: jax.Array, head: jax.Array, real_vocab: int, *, chunk: int = CHUNK) -> jax.Array:
-    """fp32 [...]: logsumexp over the real vocabulary of hidden [..., d] @ head."""
+def logsumexp(hidden: jax.Array, head: Head, real_vocab: int, *, chunk: int = CHUNK) -> jax.Array:
+    """fp32 [...]: logsumexp over the real vocabulary of the logits of hidden [..., d]."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     ones = jnp.ones((), jnp.float32)
 
@@ -59,7 +83,7 @@ def logsumexp(hidden: jax.Array, head: jax.Array, real_vocab: int, *, chunk: int
     return (running_max + jnp.log(running_sum)).reshape(hidden.shape[:-1])
 
 
-def top_k(hidden: jax.Array, head: jax.Array, real_vocab: int, k: int, *,
+def top_k(hidden: jax.Array, head: Head, real_vocab: int, k: int, *,
           chunk: int = CHUNK) -> tuple[jax.Array, jax.Array]:
     """(fp32 logits, int32 tokens) [..., k] of the k largest logits, as `jax.lax.top_k` of the full row
     (ties go to the lower token id there and here: chunks are merged in vocabulary order)."""
