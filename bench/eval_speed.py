@@ -253,15 +253,6 @@ def full_test_set(batch_size: int, max_prompts: int) -> dict:
     }
 
 
-def ops_by_source(profile_result: dict) -> dict[str, float]:
-    """Milliseconds per call of the profile's busiest ops, summed by their source op (dot_general, exp...)."""
-    totals: dict[str, float] = {}
-    for op in profile_result["top_ops"]:
-        name = profile.short_source(op["source"]).rsplit("/", 1)[-1]
-        totals[name] = totals.get(name, 0.0) + op["ms"]
-    return dict(sorted(totals.items(), key=lambda item: -item[1]))
-
-
 def report(side: dict | None, larger: dict | None, bound: dict | None, full: dict | None) -> str:
     lines = []
     for result in (side, larger):
@@ -277,7 +268,7 @@ def report(side: dict | None, larger: dict | None, bound: dict | None, full: dic
                      f"{result['top1_agreement']:.0%}, same 50 predictions {result['all_50_agreement']:.0%}")
     if bound:
         parts = ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in bound["floor_parts_s"].items())
-        ops = ", ".join(f"{k} {v:.0f} ms" for k, v in ops_by_source(bound["ours_profile_one_call"]).items())
+        ops = ", ".join(f"{k} {v:.0f} ms" for k, v in profile.ops_by_source(bound["ours_profile_one_call"]).items())
         lines.append(f"floor of one call: {1e3 * bound['floor_s']:.0f} ms ({parts}); ours {1e3 * bound['ours_s']:.0f} ms "
                      f"= {bound['fraction_of_floor']:.0%} of the floor's speed; our ops: {ops}")
     if full:

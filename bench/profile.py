@@ -44,6 +44,15 @@ def top_ops_line(result: dict, n: int = 3) -> str:
                      for op in result["top_ops"][:n])
 
 
+def ops_by_source(profile_result: dict) -> dict[str, float]:
+    """Milliseconds per call of the profile's busiest ops, summed by their source op (dot_general, exp...)."""
+    totals: dict[str, float] = {}
+    for op in profile_result["top_ops"]:
+        name = short_source(op["source"]).rsplit("/", 1)[-1]
+        totals[name] = totals.get(name, 0.0) + op["ms"]
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
 def profile(run: Callable[[], object], hlo_text: str, repeats: int = 1) -> dict:
     """Run `run` (blocking) `repeats` times under the profiler; milliseconds per run by scope/pass,
     the share spent in matmuls, and the busiest ops."""

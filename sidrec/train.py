@@ -47,10 +47,9 @@ def cross_entropy_sum(params, model_cfg: qwen2.Qwen2Config, micro_batch, *, unsh
     """Summed token cross-entropy (fp32) at the label positions of one (local) micro-batch."""
     hidden = qwen2.forward_hidden(params, model_cfg, micro_batch["tokens"], micro_batch["segment_ids"],
                                   micro_batch["positions"], unshard=unshard)
-    logits = qwen2.logits_at(params, model_cfg, hidden, micro_batch["loss_pos"], unshard=unshard)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, micro_batch["loss_tgt"][..., None], axis=-1)[..., 0]
-    return jnp.sum((log_z - target_logit) * micro_batch["loss_w"])
+    cross_entropy = qwen2.cross_entropy_at(params, model_cfg, hidden, micro_batch["loss_pos"], micro_batch["loss_tgt"],
+                                           unshard=unshard)
+    return jnp.sum(cross_entropy * micro_batch["loss_w"])
 
 
 def make_global_ce_sum(model_cfg, mesh, partition_specs) -> Callable:

@@ -122,6 +122,35 @@ def test_logits_at_equals_forward_gathered():
     np.testing.assert_array_equal(np.asarray(gathered), np.take_along_axis(full, index[..., None], axis=1))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_cross_entropy_at_and_its_parameter_gradients_equal_the_materialised_loss(name):
+    # The training loss: chunked cross-entropy with its own VJP vs autodiff through the full logits,
+    # over the whole model (tied: the head is the input embedding, so both gradients meet there).
+    params, cfg, ref = load_fixture(name)
+    tokens, mask = ref["tokens"], ref["mask"]
+    positions = left_padded_positions(mask)
+    index = np.array([[9, 0, 4], [3, 9, 7], [6, 8, 9]], np.int32)
+    targets = np.array([[1, 5, 17], [cfg.real_vocab_size - 1, 0, 3], [2, 2, 9]], np.int32)
+
+    def materialised(params):
+        hidden = qwen2.forward_hidden(params, cfg, tokens, mask, positions)
+        logits = qwen2.logits_at(params, cfg, hidden, index)
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - picked)
+
+    def chunked(params):
+        hidden = qwen2.forward_hidden(params, cfg, tokens, mask, positions)
+        return jnp.sum(qwen2.cross_entropy_at(params, cfg, hidden, index, targets))
+
+    want, want_grads = jax.jit(jax.value_and_grad(materialised))(params)
+    got, grads = jax.jit(jax.value_and_grad(chunked))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
+        # fp32, the same sums in another order: relative to each gradient's own scale.
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * max(1.0, float(np.abs(w).max())),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 def test_beam_decoding_with_reorder_equals_independent_sequences():
     """Random parents and tokens at every step: each beam's logits must equal a full forward over
     prompt + that beam's own history, so the shared prompt cache and the suffix gather are right."""

@@ -70,3 +70,34 @@ def test_head_take_and_logits_agree_in_both_layouts():
     want = jnp.einsum("bsd,dv->bsv", hidden, head)[..., tokens]
     for stored in _heads(head):
         np.testing.assert_allclose(stored.take(tokens).logits(hidden), want, rtol=0, atol=1e-5)
+
+
+def _materialised_cross_entropy(hidden, weight, targets, real):
+    logits = jnp.einsum("nd,dv->nv", hidden, weight)[:, :real]
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+
+
+@pytest.mark.parametrize("chunk", [1000, 333, 64])
+def test_cross_entropy_and_its_gradients_equal_autodiff_of_the_materialised_loss(chunk):
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(12, 16)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(16, 1000)) * 2.0, jnp.float32)
+    real = 937
+    targets = jnp.asarray(rng.integers(0, real, 12), jnp.int32).at[0].set(real - 1).at[1].set(0)
+    row_weights = jnp.asarray(rng.uniform(size=12), jnp.float32)  # like loss_w: the cotangent is not all ones
+
+    def want(hidden, weight):
+        return jnp.sum(_materialised_cross_entropy(hidden, weight, targets, real) * row_weights)
+
+    want_loss, (want_dh, want_dw) = jax.value_and_grad(want, argnums=(0, 1))(hidden, weight)
+    assert float(jnp.abs(want_dw[:, real:]).max()) == 0.0
+    for layout in (1, 0):
+        def got(hidden, weight, layout=layout):
+            head = vocab.Head(weight if layout == 1 else weight.T, layout)
+            return jnp.sum(vocab.cross_entropy(hidden, head, targets, real, chunk=chunk) * row_weights)
+
+        loss, (dh, dw) = jax.jit(jax.value_and_grad(got, argnums=(0, 1)))(hidden, weight)
+        # fp32, sums over 937 entries in another order: losses ~30, gradients ~1.
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+        np.testing.assert_allclose(dh, want_dh, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(dw, want_dw, rtol=0, atol=2e-5)

@@ -406,12 +406,13 @@ def forward_hidden(params: Params, cfg: Qwen2Config, tokens, segment_ids, positi
     return _final_norm(params, cfg, x, unshard)
 
 
-def output_head(params: Params, cfg: Qwen2Config) -> vocab.Head:
+def output_head(params: Params, cfg: Qwen2Config, *, unshard: Unshard | None = None) -> vocab.Head:
     """The output projection as stored, in the compute dtype: the [v, d] embedding when tied, else the
     [d, v] lm_head (for sidrec.model.vocab's chunked reductions, which need no transpose)."""
+    unshard = unshard or _identity_unshard
     if cfg.tie_word_embeddings:
-        return vocab.Head(params["embed"].astype(cfg.dtype), vocab_axis=0)
-    return vocab.Head(params["lm_head"].astype(cfg.dtype), vocab_axis=1)
+        return vocab.Head(unshard("embed", params["embed"]).astype(cfg.dtype), vocab_axis=0)
+    return vocab.Head(unshard("lm_head", params["lm_head"]).astype(cfg.dtype), vocab_axis=1)
 
 
 def _head(params, cfg: Qwen2Config, unshard) -> jax.Array:
@@ -430,6 +431,17 @@ def _vocab_logits(params, cfg: Qwen2Config, hidden, unshard) -> jax.Array:
         if cfg.real_vocab_size < cfg.vocab_size:
             logits = jnp.where(jnp.arange(cfg.vocab_size) < cfg.real_vocab_size, logits, MASKED_LOGIT)
         return logits.reshape(*hidden.shape[:-1], cfg.vocab_size)
+
+
+def cross_entropy_at(params: Params, cfg: Qwen2Config, hidden, index, targets, *,
+                     unshard: Unshard | None = None) -> jax.Array:
+    """fp32 [b, n]: full-vocabulary cross-entropy of targets [b, n] at positions index [b, n] of hidden
+    [b, t, d], without materialising the logits in either pass (sidrec.model.vocab.cross_entropy)."""
+    gathered = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    with jax.named_scope("logits"):
+        ce = vocab.cross_entropy(gathered.reshape(-1, gathered.shape[-1]), output_head(params, cfg, unshard=unshard),
+                                 targets.reshape(-1), cfg.real_vocab_size)
+    return ce.reshape(targets.shape)
 
 
 def logits_at(params: Params, cfg: Qwen2Config, hidden, index, *, unshard: Unshard | None = None) -> jax.Array:

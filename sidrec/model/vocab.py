@@ -16,6 +16,7 @@ fp32 like `qwen2.vocab_logits`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,12 +49,32 @@ def _chunk_logits(flat, head: Head, start, size):
     return head.slice(start, size).logits(flat)
 
 
+def _varying(x) -> frozenset:
+    """The manual mesh axes (inside shard_map) over which x differs from device to device."""
+    return jax.typeof(x).manual_axis_type.varying
+
+
+def _varying_like(value, *references):
+    """value, varying over the manual mesh axes the references vary over: inside shard_map a scan's
+    carry must keep one type, and the chunk logits vary like hidden (and the head, if it does)."""
+    axes = set().union(*map(_varying, references)) - _varying(value)
+    return jax.lax.pcast(value, tuple(sorted(axes)), to="varying") if axes else value
+
+
+def _summed_like(gradient, primal):
+    """A gradient varying over axes its primal does not is summed over them, as autodiff's transpose
+    of the implicit broadcast would (a device-invariant head gets the sum of every device's part)."""
+    axes = _varying(gradient) - _varying(primal)
+    return jax.lax.psum(gradient, tuple(sorted(axes))) if axes else gradient
+
+
 def _fold_chunks(fold, init, flat, head, real_vocab, chunk):
     """fold(carry, logits [n, c], start) over the chunks of the head's first real_vocab entries (padding
     is never read, so never masked): a scan over the full chunks, then the remainder (static
     shapes; the vocabulary need not divide by the chunk)."""
     chunk = min(chunk, real_vocab)
     full, rest = divmod(real_vocab, chunk)
+    init = jax.tree.map(lambda x: _varying_like(x, flat, head.weight), init)
 
     def body(carry, index):
         start = index * chunk
@@ -102,3 +123,56 @@ def top_k(hidden: jax.Array, head: Head, real_vocab: int, k: int, *,
     values, tokens = _fold_chunks(fold, init, flat, head, real_vocab, chunk)
     return values.reshape(*hidden.shape[:-1], k), tokens.reshape(*hidden.shape[:-1], k)
 
+
+
+def cross_entropy(hidden: jax.Array, head: Head, targets: jax.Array, real_vocab: int, *,
+                  chunk: int = CHUNK) -> jax.Array:
+    """fp32 [n]: -log_softmax(logits)[target] per row of hidden [n, d], targets int [n], differentiable in
+    hidden and head.weight. Neither pass materialises [n, vocab]: the backward recomputes each chunk's
+    logits and turns them into (softmax - onehot) * cotangent at once (one matmul more than autodiff of
+    the materialised loss, far less memory traffic when d is small against the vocabulary)."""
+    return _cross_entropy(hidden, head.weight, targets, head.vocab_axis, real_vocab, chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _cross_entropy(hidden, weight, targets, vocab_axis, real_vocab, chunk):
+    return _cross_entropy_forward(hidden, weight, targets, vocab_axis, real_vocab, chunk)[0]
+
+
+def _target_logits(hidden, head: Head, targets):
+    rows = jnp.take(head.weight, targets, axis=head.vocab_axis)  # [n, d] or [d, n]
+    spec = "nd,nd->n" if head.vocab_axis == 0 else "nd,dn->n"
+    return jnp.einsum(spec, hidden, rows, preferred_element_type=jnp.float32)
+
+
+def _cross_entropy_forward(hidden, weight, targets, vocab_axis, real_vocab, chunk):
+    head = Head(weight, vocab_axis)
+    log_z = logsumexp(hidden, head, real_vocab, chunk=chunk)
+    return log_z - _target_logits(hidden, head, targets), (hidden, weight, targets, log_z)
+
+
+def _cross_entropy_backward(vocab_axis, real_vocab, chunk, residuals, cotangent):
+    hidden, weight, targets, log_z = residuals
+    head = Head(weight, vocab_axis)
+    contract_vocab = "nv,vd->nd" if vocab_axis == 0 else "nv,dv->nd"
+    weight_grad_spec = "nv,nd->vd" if vocab_axis == 0 else "nv,nd->dv"
+
+    def fold(carry, logits, start):
+        hidden_grad, weight_grad = carry
+        size = logits.shape[-1]
+        onehot = (targets[:, None] - start) == jnp.arange(size)
+        logits_grad = ((jnp.exp(logits - log_z[:, None]) - onehot) * cotangent[:, None]).astype(weight.dtype)
+        columns = head.slice(start, size).weight
+        hidden_grad = hidden_grad + jnp.einsum(contract_vocab, logits_grad, columns,
+                                               preferred_element_type=jnp.float32)
+        chunk_grad = jnp.einsum(weight_grad_spec, logits_grad, hidden, preferred_element_type=jnp.float32)
+        weight_grad = jax.lax.dynamic_update_slice_in_dim(weight_grad, chunk_grad, start, axis=vocab_axis)
+        return hidden_grad, weight_grad
+
+    init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(weight.shape, jnp.float32))
+    hidden_grad, weight_grad = _fold_chunks(fold, init, hidden, head, real_vocab, chunk)
+    return (_summed_like(hidden_grad, hidden).astype(hidden.dtype), _summed_like(weight_grad, weight).astype(weight.dtype),
+            None)
+
+
+_cross_entropy.defvjp(_cross_entropy_forward, _cross_entropy_backward)
