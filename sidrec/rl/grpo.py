@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sidrec import parallel
 from sidrec.decode import beam
 from sidrec.decode.trie import SidTrie
-from sidrec.model import qwen2
+from sidrec.model import qwen2, vocab
 from sidrec.rl import rewards
 
 LossType = Literal["grpo", "dapo", "gspo"]
@@ -61,10 +61,10 @@ def token_logps(params, model_cfg: qwen2.Qwen2Config, prompt_tokens, prompt_mask
     prompt [p, S] and the completion's earlier tokens; the prompt is run once per group
     (`qwen2.continuation_hidden`), not once per completion."""
     hidden = qwen2.continuation_hidden(params, model_cfg, prompt_tokens, prompt_mask, completions, unshard=unshard)
-    logits = qwen2.vocab_logits(params, model_cfg, hidden.reshape(-1, hidden.shape[-1]), unshard=unshard)
-    targets = completions.reshape(-1)
-    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    return (target_logit - jax.nn.logsumexp(logits, axis=-1)).reshape(-1, completions.shape[-1])
+    head = qwen2.output_head(params, model_cfg, unshard=unshard)
+    cross_entropy = vocab.cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, completions.reshape(-1),
+                                        model_cfg.real_vocab_size)
+    return -cross_entropy.reshape(-1, completions.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------
