@@ -30,9 +30,11 @@ def goals(eval_r: dict | None, train_r: dict | None) -> list[str]:
                      "verdict": verdict(side["speedup"], 20)})
     if side and bound:
         ceiling = bound["floor_prompts_per_s"] / side["hf_prompts_per_s"]
-        rows.append({"goal": "eval: or >= 80% of the floor's speed, the floor showing 20x unreachable",
-                     "value": f"{bound['fraction_of_floor']:.0%} of the floor; at the floor {ceiling:.1f}x",
-                     "verdict": verdict(bound["fraction_of_floor"], 0.8) if ceiling < 20 else "floor allows 20x"})
+        # The alternative goal counts only where the floor itself rules 20x out.
+        met = side["speedup"] >= 20 or (ceiling < 20 and bound["fraction_of_floor"] >= 0.8)
+        rows.append({"goal": "eval: or >= 80% of the floor's speed where the floor rules 20x out",
+                     "value": f"{bound['fraction_of_floor']:.0%} of the floor; the floor allows {ceiling:.1f}x",
+                     "verdict": "met" if met else "not met"})
     side = train_r and train_r["results"]["side_by_side"]
     if side:
         rows.append({"goal": "train: step vs PyTorch loop >= 8x", "value": f"{side['speedup']:.2f}x",
