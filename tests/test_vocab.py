@@ -101,3 +101,18 @@ def test_cross_entropy_and_its_gradients_equal_autodiff_of_the_materialised_loss
         np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
         np.testing.assert_allclose(dh, want_dh, rtol=0, atol=2e-5)
         np.testing.assert_allclose(dw, want_dw, rtol=0, atol=2e-5)
+
+
+def test_logsumexp_with_a_shift_is_exact_and_falls_back_when_the_shift_is_far_too_low():
+    hidden, head = _case()
+    real = 937
+    logits = jnp.einsum("bsd,dv->bsv", hidden, head)[..., :real]
+    want = jax.nn.logsumexp(logits, axis=-1)
+    stored = vocab.Head(head, 1)
+    from_a_few = logits[..., :40].max(axis=-1)  # as beam search: the largest logit of a few real tokens
+    np.testing.assert_allclose(vocab.logsumexp(hidden, stored, real, shift=from_a_few, chunk=256), want,
+                               rtol=0, atol=1e-5)
+    # 200 below the max: exp overflows fp32, so the running-max path must answer (still exact).
+    too_low = want - 200.0
+    got = jax.jit(lambda h, s: vocab.logsumexp(h, stored, real, shift=s, chunk=256))(hidden, too_low)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

@@ -94,13 +94,18 @@ class LogProbs(NamedTuple):
     """Full-vocabulary log_softmax of the running beams' logits, never materialised over the vocabulary
     (sidrec.model.vocab walks the head in chunks): logits where needed, minus the normaliser."""
 
-    hidden: jax.Array      # [B, S, d]
+    hidden: jax.Array            # [B, S, d]
     head: Head
-    normalizer: jax.Array  # f32 [B, S, 1]
+    catalogue_logits: jax.Array | None  # f32 [B, S, T] logits of the trie's tokens (constrained only)
+    normalizer: jax.Array        # f32 [B, S, 1]
 
     @classmethod
     def of(cls, hidden: jax.Array, head: Head) -> LogProbs:
-        return cls(hidden, head, vocab.logsumexp(hidden, head.full, head.real_vocab)[..., None])
+        if head.catalogue is None:
+            return cls(hidden, head, None, vocab.logsumexp(hidden, head.full, head.real_vocab)[..., None])
+        catalogue = head.catalogue.logits(hidden)
+        normalizer = vocab.logsumexp(hidden, head.full, head.real_vocab, shift=catalogue.max(axis=-1))
+        return cls(hidden, head, catalogue, normalizer[..., None])
 
     @property
     def vocab_size(self) -> int:
@@ -108,7 +113,7 @@ class LogProbs(NamedTuple):
 
     def at_catalogue_tokens(self) -> jax.Array:
         """f32 [B, S, T]: log-probabilities of the trie's tokens."""
-        return self.head.catalogue.logits(self.hidden) - self.normalizer
+        return self.catalogue_logits - self.normalizer
 
     def top_k(self, k: int) -> tuple[jax.Array, jax.Array]:
         values, tokens = vocab.top_k(self.hidden, self.head.full, self.head.real_vocab, k)
