@@ -499,8 +499,7 @@ def test_rqvae_loss_is_upstreams_formula():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 12)).astype(np.float32)
     settings = tiny_rqvae(codes=(4, 4))
-    params = {"encoder": rqvae._init_mlp(jax.random.key(0), (12, 32, 16, 8)),
-              "decoder": rqvae._init_mlp(jax.random.key(1), (8, 16, 32, 12)),
+    params = {"encoder": rqvae._init_mlp(rng, (12, 32, 16, 8)), "decoder": rqvae._init_mlp(rng, (8, 16, 32, 12)),
               "codebooks": [jnp.asarray(rng.normal(size=(4, 8)).astype(np.float32)) for _ in range(2)]}
     p = jax.tree.map(np.asarray, params)
 

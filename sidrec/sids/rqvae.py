@@ -14,6 +14,7 @@ its generate_indices.py reads). Codes are the argmin per level (upstream: use_sk
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +40,13 @@ class RQVAESettings:
     kmeans_iterations: int = 100
 
 
-def _init_mlp(key, dims: tuple[int, ...]) -> list[dict]:
+def _init_mlp(rng: np.random.Generator, dims: tuple[int, ...]) -> list[dict]:
+    """Xavier-normal weights, zero biases; drawn with NumPy (jax.random would compile a program per shape)."""
     layers = []
-    for i, (n_in, n_out) in enumerate(zip(dims[:-1], dims[1:])):
+    for n_in, n_out in zip(dims[:-1], dims[1:]):
         std = np.sqrt(2.0 / (n_in + n_out))  # xavier_normal_
-        layers.append({"w": std * jax.random.normal(jax.random.fold_in(key, i), (n_in, n_out)), "b": jnp.zeros(n_out)})
+        layers.append({"w": jnp.asarray(std * rng.standard_normal((n_in, n_out)), jnp.float32),
+                       "b": jnp.zeros(n_out, jnp.float32)})
     return layers
 
 
@@ -77,6 +80,7 @@ def _loss(params, x, settings: RQVAESettings):
     return recon + settings.quant_loss_weight * quant_loss, recon
 
 
+@jax.jit
 def codes_of(params, x: jax.Array) -> jax.Array:
     return _quantise(params["codebooks"], _mlp(params["encoder"], x), 0.0)[2]
 
@@ -85,33 +89,54 @@ def _collision_rate(codes: np.ndarray) -> float:
     return 1.0 - len({tuple(r) for r in codes}) / len(codes)
 
 
+@jax.jit
+def _residual(residual: jax.Array, centres: jax.Array, assign: jax.Array) -> jax.Array:
+    return residual - centres[assign]
+
+
+def _initial_params(seed: int, key: jax.Array, data: jax.Array, first_rows: jax.Array,
+                    settings: RQVAESettings) -> dict:
+    """MLPs, then codebooks by k-means of the first batch's latent residuals, level by level (upstream's
+    lazy kmeans_init). A few compiled calls (k-means compiles once for equal code counts), not one per op."""
+    rng, dims = np.random.default_rng(seed), (data.shape[1], *settings.layers, settings.e_dim)
+    params = {"encoder": _init_mlp(rng, dims), "decoder": _init_mlp(rng, dims[::-1])}
+    residual, books = jax.jit(_mlp)(params["encoder"], data[first_rows]), []
+    for level, k in enumerate(settings.codes):
+        centres, assign = km.kmeans(jax.random.fold_in(key, 10 + level), residual, k, settings.kmeans_iterations)
+        books.append(centres)
+        residual = _residual(residual, centres, assign)
+    return {**params, "codebooks": books}
+
+
+@partial(jax.jit, static_argnames="settings")
+def _final(params, data: jax.Array, settings: RQVAESettings):
+    """Latents, codes, latent residual MSE after each level, reconstruction MSE."""
+    z = _mlp(params["encoder"], data)
+    codes = codes_of(params, data)
+    residual, mse = z, []
+    for level, book in enumerate(params["codebooks"]):
+        residual = residual - book[codes[:, level]]
+        mse.append(jnp.mean(residual ** 2))
+    return z, codes, jnp.stack(mse), _loss(params, data, settings)[1]
+
+
 def train_rqvae(x: np.ndarray, settings: RQVAESettings, seed: int, log=print) -> tuple[Quantized, np.ndarray, dict]:
     """The lowest-collision parameters' quantisation of the latents (codes, codebooks, latent residual
     MSE per level), those latents [items, e_dim], and a training summary."""
-    n, dim = x.shape
+    n = x.shape[0]
     key = jax.random.key(seed)
-    dims = (dim, *settings.layers, settings.e_dim)
-    params = {"encoder": _init_mlp(jax.random.fold_in(key, 0), dims),
-              "decoder": _init_mlp(jax.random.fold_in(key, 1), dims[::-1])}
     data = jnp.asarray(x, jnp.float32)
     order_key = jax.random.fold_in(key, 2)
     batch = min(settings.batch_size, n)
     steps_per_epoch = -(-n // batch)
-
-    # codebooks: k-means of the first batch's residuals, level by level (upstream's lazy kmeans_init)
-    first = data[jax.random.permutation(jax.random.fold_in(order_key, 0), n)[:batch]]
-    residual, books = _mlp(params["encoder"], first), []
-    for level, k in enumerate(settings.codes):
-        centres, assign = km.kmeans(jax.random.fold_in(key, 10 + level), residual, k, settings.kmeans_iterations)
-        books.append(centres)
-        residual = residual - centres[assign]
-    params["codebooks"] = books
+    first_rows = jax.random.permutation(jax.random.fold_in(order_key, 0), n)[:batch]
+    params = _initial_params(seed, key, data, first_rows, settings)
 
     warmup = settings.warmup_epochs * steps_per_epoch
     schedule = optax.join_schedules([optax.linear_schedule(0.0, settings.lr, max(warmup, 1)),
                                      optax.constant_schedule(settings.lr)], [warmup])
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
-    state = optimizer.init(params)
+    state = jax.jit(optimizer.init)(params)
 
     @jax.jit
     def epoch(params, state, epoch_key):
@@ -142,14 +167,8 @@ def train_rqvae(x: np.ndarray, settings: RQVAESettings, seed: int, log=print) ->
                 log(f"  rqvae epoch {e + 1}: loss {float(loss):.4g}, reconstruction {float(recon):.4g}, "
                     f"collision rate {rate:.4f}")
     params = best[1]
-    z = _mlp(params["encoder"], data)
-    codes = np.asarray(codes_of(params, data))
-    books = [np.asarray(b) for b in params["codebooks"]]
-    residual, mse = np.asarray(z), []
-    for level, book in enumerate(books):
-        residual = residual - book[codes[:, level]]
-        mse.append(float(np.mean(residual ** 2)))
-    _, recon = _loss(params, data, settings)
+    z, codes, mse, recon = jax.device_get(_final(params, data, settings))
     summary = {"best_epoch": best[2], "best_collision_rate": best[0], "reconstruction_mse": float(recon),
                "history": history}
-    return Quantized(codes, tuple(books), tuple(mse)), np.asarray(z), summary
+    books = tuple(np.asarray(b) for b in params["codebooks"])
+    return Quantized(np.asarray(codes), books, tuple(float(m) for m in mse)), np.asarray(z), summary
