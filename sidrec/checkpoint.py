@@ -25,7 +25,6 @@ import errno
 import json
 import logging
 import math
-import operator
 import shutil
 import signal
 import sys
@@ -156,7 +155,7 @@ class Checkpointer:
                 raise CheckpointError(
                     f"step {step}: {self._best_metric}={metric} is not finite; a diverged state "
                     "must not be saved or ranked")
-            metrics = {self._best_metric: metric}
+            metrics = {self._best_metric: metric, "step": step}  # the step breaks ties: see _manager_options
         nbytes = _nbytes(state)
         free = _free_bytes(self._directory)
         if not _all_processes_agree(free is None or nbytes <= free):
@@ -320,7 +319,12 @@ class Checkpointer:
 
 def _manager_options(keep_last: int, keep_best: bool, best_metric: str, mode: str):
     policies = ocp.checkpoint_managers
-    rank = operator.itemgetter(best_metric)
+
+    def rank(metrics: dict) -> tuple:
+        """Sort key, better last; of equal metrics the earliest step is best (as a training loop's strict
+        `metric > best` picks it; Orbax's stable sort would pick the latest). Old checkpoints lack "step"."""
+        step = metrics.get("step", 0)
+        return metrics[best_metric], (-step if mode == "max" else step)
     keep = [policies.LatestN(n=keep_last)]
     if keep_best:
         # BestN keeps the *last* n after sorting; reverse=True sorts descending so "min" keeps

@@ -201,6 +201,9 @@ class RLConfig:
     """Validation (valid-split rollouts: HR@G, NDCG@G) every N steps (0: at the end only)."""
     valid_max_samples: int = 256
     """Validate on the first N valid prompts (0: all)."""
+    keep_start: bool = True
+    """Step 0 (the start model, validated before any update) competes for the best checkpoint, so a run
+    that never beats its start on valid hands back the start itself (False: the best RL step)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -115,6 +115,17 @@ def test_mode_max_keeps_the_largest(tmp_path):
         assert ckpt.best_step() == 2
 
 
+@pytest.mark.parametrize("mode, metrics", [("max", [0.3, 0.1, 0.3, 0.3]), ("min", [0.3, 0.5, 0.3, 0.3])])
+def test_of_equal_metrics_the_earliest_step_is_best(tmp_path, mode, metrics):
+    """A training loop keeps its best with a strict `metric > best` (RL: the start, step 0, stays best
+    when no step beats it); "best" must name the same step, not the latest of the ties."""
+    with Checkpointer(tmp_path, keep_last=1, best_metric="m", mode=mode) as ckpt:
+        for step, value in enumerate(metrics):
+            ckpt.save(step, small_state(step), {}, metric=value)
+        ckpt.wait()
+        assert ckpt.best_step() == 0 and ckpt.all_steps() == [0, 3]
+
+
 def test_async_save_survives_donation_and_is_committed_by_wait(tmp_path):
     state = small_state(1.5)
     expected = jax.tree.map(np.asarray, state)

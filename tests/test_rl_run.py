@@ -144,3 +144,19 @@ def test_vocabulary_without_the_catalogue_sids_is_one_line(sft_run, tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_run_that_never_beats_its_start_hands_back_the_start(sft_run, tmp_path):
+    """--rl.keep-start (default): step 0 competes for "best"; an lr too small to change any ranking ties the
+    start on valid, and the strict comparison keeps the start, so eval reads the SFT parameters themselves."""
+    run_dir = tmp_path / "rl"
+    done = cli("rl-eval", *rl_args(sft_run, run_dir, "--optim.lr", "1e-20", "--rl.max-steps", "2",
+                                   "--rl.valid-every-steps", "0"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "No RL step beat the start on valid" in done.stdout
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["best_step"] == 0 and summary["best_valid_ndcg@4"] == summary["start_valid_ndcg@4"]
+    (best, step), (sft, _) = params_of(run_dir, "best"), params_of(sft_run, "best")
+    assert step == 0
+    for x, y in zip(jax.tree.leaves(best), jax.tree.leaves(sft)):
+        np.testing.assert_array_equal(x, y)

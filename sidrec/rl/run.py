@@ -225,6 +225,11 @@ def _rl(cfg: Config, run_dir: Path) -> dict:
         first = validate(state.params)
         logger.log(0, first)
         logger.info(f"start: {first}")
+        best["start"] = first[f"valid/ndcg@{r.group_size}"]
+        if r.keep_start:  # the start is a candidate for "best" like any step
+            best = {**best, "metric": best["start"], "step": 0}
+            checkpoints.save(0, state, {"loader": loader.state(), "best": best, "config": dataclasses.asdict(cfg)},
+                             metric=best["metric"])
 
     rollout_s = update_s = 0.0
     stop_reason = "finished"
@@ -257,7 +262,7 @@ def _rl(cfg: Config, run_dir: Path) -> dict:
                 values = validate(state.params)
                 metric = values[f"valid/ndcg@{r.group_size}"]
                 if metric > best["metric"]:
-                    best = {"metric": metric, "step": step}
+                    best = {**best, "metric": metric, "step": step}
                 logger.log(step, values)
             if save:
                 checkpoints.save(step, state, {"loader": loader.state(), "best": best,
@@ -269,7 +274,8 @@ def _rl(cfg: Config, run_dir: Path) -> dict:
     checkpoints.wait()
     timed = max(step - 1, 1)
     summary = {"stop_reason": stop_reason, "steps": step, "total_steps": total_steps, "best_step": best["step"],
-               f"best_valid_ndcg@{r.group_size}": best["metric"], "rollout_s_per_step": rollout_s / timed,
+               f"best_valid_ndcg@{r.group_size}": best["metric"],
+               f"start_valid_ndcg@{r.group_size}": best.get("start"), "rollout_s_per_step": rollout_s / timed,
                "update_s_per_step": update_s / timed,
                "rollout_prompts_per_s": r.prompts_per_step * timed / rollout_s if rollout_s else None}
     logger.write_summary(summary)
@@ -309,6 +315,11 @@ def run_rl_eval(cfg: Config) -> dict:
     if summary["stop_reason"] == "preempted":
         print("RL was preempted: rerun the same command to resume (evaluation skipped)")
         return summary
+    if summary["best_step"] == 0 and jax.process_index() == 0:
+        ndcg = summary[f"best_valid_ndcg@{cfg.rl.group_size}"]
+        print(f"No RL step beat the start on valid (NDCG@{cfg.rl.group_size} {ndcg:.4f} "
+              "at step 0): the run's best checkpoint is the start itself, evaluated below; "
+              "--rl.keep-start False evaluates the best RL step instead")
     rl_metrics = evaluate.run_eval(replace(cfg, **{"model.hf_path": None}), checkpoint="best")  # the RL run's own
     if not cfg.rl.sft_run_dir:
         return summary
