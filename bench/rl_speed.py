@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from bench import common, eval_speed
-from bench.scale_estimate import DEVICES, QWEN25_15B, TPU_V6E_PEAK, UTILISATIONS, layer_matmul_params
+from bench.scale_estimate import DEVICES, QWEN25_15B, TPU_V6E_PEAK, UTILISATIONS
 from presets.rl import INDUSTRIAL_V6E8_GRPO, UPSTREAM_OPTIM
 from sidrec import build, optim, parallel
 from sidrec.config import MeshConfig
@@ -247,7 +247,7 @@ def estimate(completion_tokens: float) -> dict:
     cfg = qwen2.Qwen2Config(vocab_size=qwen2.round_up(s["vocab_size"], build.vocab_multiple(DEVICES)),
                             real_vocab_size=s["vocab_size"], **QWEN25_15B)
     n, g, c, prompt = s["prompts_per_step"], s["group"], completion_tokens, s["mean_bucket"]
-    matmul, head = 2 * layer_matmul_params(cfg), 2 * cfg.hidden_size * cfg.vocab_size
+    matmul, head = 2 * qwen2.layer_matmul_params(cfg), 2 * cfg.hidden_size * cfg.vocab_size
 
     def attention(length):
         return 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * length

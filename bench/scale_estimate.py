@@ -34,19 +34,6 @@ QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_h
                   remat=True)
 
 
-def layer_matmul_params(cfg: qwen2.Qwen2Config) -> int:
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return cfg.num_layers * (cfg.hidden_size * (2 * q + 2 * kv) + 3 * cfg.hidden_size * cfg.intermediate_size)
-
-
-def executed_flops_per_step(cfg: qwen2.Qwen2Config, token_slots: float, target_slots: float, seq_len: int) -> float:
-    """What our step computes: layers over every slot (padding too) forward, backward and (remat) a
-    second forward; attention over full rows; the head only at target slots (forward + backward)."""
-    forward_per_slot = 2 * layer_matmul_params(cfg) + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-    passes = 4 if cfg.remat else 3
-    return token_slots * passes * forward_per_slot + target_slots * 6 * cfg.hidden_size * cfg.vocab_size
-
-
 def step_statistics(seq_len: int) -> dict:
     """Mean per-step tokens, rows, slots and targets of one epoch of the preset's loader."""
     shared = common.require_shared()
@@ -85,7 +72,7 @@ def estimate(seq_len: int = 1024) -> dict:
                             real_vocab_size=stats["vocab_size"], **QWEN25_15B)
     peak = DEVICES * TPU_V6E_PEAK
     model_flops = qwen2.flops_per_token(cfg, seq_len) * stats["tokens"]
-    executed = executed_flops_per_step(cfg, stats["token_slots"], stats["target_slots"], seq_len)
+    executed = qwen2.executed_train_flops(cfg, stats["token_slots"], stats["target_slots"], seq_len)
     seed_tokens = INDUSTRIAL_V6E8_MUON.train.global_batch_size * SEED_ROW_LENGTH
     seed_flops = qwen2.flops_per_token(cfg, SEED_ROW_LENGTH) * seed_tokens
     return {

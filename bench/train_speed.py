@@ -76,16 +76,9 @@ class OurStep:
 
 
 def executed_flops(model_cfg: qwen2.Qwen2Config, stats: dict) -> float:
-    """FLOPs the step really computes: layer matmuls and attention over every row slot (padding included),
-    forward + backward = 3 x forward; the vocabulary head only at the target slots, 4 x forward there
-    (vocab.cross_entropy's backward recomputes the logits chunk by chunk)."""
-    c = model_cfg
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    layer_matmul = c.num_layers * (c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size)
-    attention = 4 * c.num_layers * q * stats["seq_len"]  # scores + weighted sum, per query token
-    slots = stats["rows"] * stats["seq_len"]
-    target_slots = stats["rows"] * stats["targets_per_row"]
-    return 3 * slots * (2 * layer_matmul + attention) + 4 * target_slots * 2 * c.hidden_size * c.real_vocab_size
+    """`qwen2.executed_train_flops` of the step's slots."""
+    return qwen2.executed_train_flops(model_cfg, stats["rows"] * stats["seq_len"],
+                                      stats["rows"] * stats["targets_per_row"], stats["seq_len"])
 
 
 def dense_matmul_flops(sizes=(1024, 2048), repeats: int = 5) -> dict:

@@ -2,7 +2,10 @@
 
 Metric names the train loop logs (any others are passed through to wandb as given):
     train/loss, train/lr (or train/lr/<group> per optimizer group), train/grad_norm,
-    train/tokens_per_s, train/step_time_s, train/mfu, valid/loss, eval/<metric>/<k>.
+    train/tokens_per_s, train/step_time_s, train/mfu, train/hfu, valid/loss, eval/<metric>/<k>.
+train/mfu counts model FLOPs (`qwen2.flops_per_token`: 6N + attention per real token) over the devices'
+peak; train/hfu the FLOPs the step executes (`qwen2.executed_train_flops`: padding slots included, the
+vocabulary head only at targets), so a small model with a huge vocabulary is not overstated.
 Only process 0 (`is_main`) prints or writes anything; the other processes' loggers are silent.
 """
 

@@ -319,7 +319,7 @@ def _train(cfg: Config, run_dir: Path) -> dict:
         while step < trainer.total_steps:
             batch = next(batches)
             state, metrics = trainer.compiled.train_step(state, parallel.global_batch(trainer.mesh, batch))
-            meter.push(step, metrics, float(batch["n_tokens"]))
+            meter.push(step, metrics, float(batch["n_tokens"]), meter.executed_flops(batch))
             step += 1
             due = due_after(cfg, step, trainer.total_steps, end_of_epoch=trainer.loader.step_in_epoch == 0,
                             preempted=guard.should_stop(step))
@@ -376,10 +376,16 @@ class _Meter:
         self.peak = peak_flops_for(device.device_kind, trainer.cfg.peak_flops_per_device)
         self.flops_per_token = qwen2.flops_per_token(trainer.model_cfg, trainer.cfg.data.seq_len)
 
-    def push(self, step: int, metrics, n_tokens: float) -> None:
+    def executed_flops(self, batch: dict) -> float:
+        """What the step computes over this batch's slots, all processes (`qwen2.executed_train_flops`)."""
+        processes = jax.process_count()
+        return qwen2.executed_train_flops(self.trainer.model_cfg, batch["tokens"].size * processes,
+                                          batch["loss_pos"].size * processes, batch["tokens"].shape[-1])
+
+    def push(self, step: int, metrics, n_tokens: float, executed_flops: float) -> None:
         if self.first_step is None:
             self.first_step = step
-        self.pending.append((step, metrics, n_tokens))
+        self.pending.append((step, metrics, n_tokens, executed_flops))
         if len(self.pending) > 1:
             self._report(*self.pending.pop(0))
 
@@ -387,7 +393,7 @@ class _Meter:
         while self.pending:
             self._report(*self.pending.pop(0))
 
-    def _report(self, step: int, metrics, n_tokens: float) -> None:
+    def _report(self, step: int, metrics, n_tokens: float, executed_flops: float) -> None:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
         step_time, self.last_time = now - self.last_time, now
@@ -407,9 +413,11 @@ class _Meter:
         out = {"train/loss": self.last_loss, "train/grad_norm": float(metrics["grad_norm"]),
                "train/tokens_per_s": n_tokens / step_time, "train/step_time_s": step_time,
                **{f"train/lr/{group}": float(lr) for group, lr in lrs.items()}}
-        utilisation = mfu(self.flops_per_token * n_tokens, step_time, self.trainer.mesh.devices.size, self.peak)
-        if utilisation is not None:
+        devices = self.trainer.mesh.devices.size
+        utilisation = mfu(self.flops_per_token * n_tokens, step_time, devices, self.peak)
+        if utilisation is not None:  # model FLOPs (6N per real token) and executed ("hardware") FLOPs
             out["train/mfu"] = utilisation
+            out["train/hfu"] = mfu(executed_flops, step_time, devices, self.peak)
         self.logger.log(step, out)
 
     def summary(self) -> dict:

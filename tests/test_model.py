@@ -307,3 +307,21 @@ def test_decode_compiles_once_per_shape():
         _, cache = step(params, tokens=np.full((3, 2), i, np.int32), cache=cache)
     assert step._cache_size() == 1
     assert int(cache.length) == 3
+
+
+def test_executed_train_flops_counts_every_slot_and_the_head_at_targets_only():
+    cfg = qwen2.Qwen2Config(vocab_size=1024, real_vocab_size=1000, hidden_size=64, intermediate_size=128,
+                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    layer_matmul = 2 * 64 * (64 + 32 + 32 + 64 + 3 * 128)  # q, k, v, o, gate/up/down; two layers
+    assert qwen2.layer_matmul_params(cfg) == layer_matmul
+    forward_per_slot = 2 * layer_matmul + 4 * 2 * 4 * 16 * 256
+    head_per_target = 4 * 2 * 64 * 1000  # 4 forwards: logits, recomputed logits, two gradients; real vocab only
+    assert qwen2.executed_train_flops(cfg, 512, 10, 256) == 512 * 3 * forward_per_slot + 10 * head_per_target
+    remat = dataclasses.replace(cfg, remat=True)
+    assert qwen2.executed_train_flops(remat, 512, 10, 256) == 512 * 4 * forward_per_slot + 10 * head_per_target
+    # With a vocabulary far larger than the layers (as Qwen2.5's 152k on a small model), executed work per
+    # token is about 6N + attention when every token is a target, far less at one target in 32 tokens.
+    wide = dataclasses.replace(cfg, vocab_size=16384, real_vocab_size=16384)
+    full = qwen2.executed_train_flops(wide, 32, 32, 32) / 32 / qwen2.flops_per_token(wide, 32)
+    sparse = qwen2.executed_train_flops(wide, 32, 1, 32) / 32 / qwen2.flops_per_token(wide, 32)
+    assert 1.0 < full < 1.4 and sparse < 0.2

@@ -17,7 +17,8 @@ def train(run_dir, *flags):
 
 def test_tiny_muon_run_drives_validation_loss_down_and_logs_the_split(tmp_path):
     done = train(tmp_path, "--optim.name", "muon", "--optim.lr", "0.02", "--optim.aux-lr", "0.005",
-                 "--optim.warmup-steps", "2", "--train.max-steps", "30", "--train.valid-every-steps", "10")
+                 "--optim.warmup-steps", "2", "--train.max-steps", "30", "--train.valid-every-steps", "10",
+                 "--peak-flops-per-device", "1e11")  # CPUs have no table entry: MFU/HFU need a peak
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     valid = [r["valid/loss"] for r in records if "valid/loss" in r]
@@ -25,8 +26,11 @@ def test_tiny_muon_run_drives_validation_loss_down_and_logs_the_split(tmp_path):
     assert len(train_records) == 30
     initial = train_records[0]["train/loss"]  # step 0 trains with lr 0: the untrained model's loss
     assert len(valid) == 3 and valid[0] > valid[1] > valid[2] and valid[-1] < 0.5 * initial, (initial, valid)
-    for key in ("train/lr/muon", "train/lr/adamw", "train/grad_norm", "train/tokens_per_s", "train/step_time_s"):
+    for key in ("train/lr/muon", "train/lr/adamw", "train/grad_norm", "train/tokens_per_s", "train/step_time_s",
+                "train/mfu", "train/hfu"):
         assert key in train_records[-1], key
+    last = train_records[-1]  # the two count different work over the same time and peak
+    assert last["train/mfu"] > 0 and last["train/hfu"] > 0 and last["train/mfu"] != last["train/hfu"]
     log = (tmp_path / "log.txt").read_text()
     assert "optimizer: muon (optax)" in log
     assert "layers/wq" in log and "muon" in log and "embed" in log and "adamw" in log

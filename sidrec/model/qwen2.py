@@ -254,6 +254,26 @@ def flops_per_token(cfg: Qwen2Config, seq_len: int) -> float:
     return 6.0 * n + attention
 
 
+def layer_matmul_params(cfg: Qwen2Config) -> int:
+    """Weights of the decoder layers' matmuls (q, k, v, o and the three MLP projections), all layers."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return cfg.num_layers * cfg.hidden_size * (2 * q + 2 * kv + 3 * cfg.intermediate_size)
+
+
+def executed_train_flops(cfg: Qwen2Config, token_slots: float, target_slots: float, seq_len: int) -> float:
+    """FLOPs one training step really executes (for hardware utilisation, next to `flops_per_token`'s MFU).
+
+    The layers run over every row slot, padding included: forward + backward = 3 forwards, 4 with remat.
+    Attention covers full rows of `seq_len`. The vocabulary head runs only at the target slots, 4 forwards
+    there: vocab.cross_entropy's backward recomputes its logits chunk by chunk before the two gradients.
+    A small model with a large vocabulary executes far less than 6N per token (the head is most of N).
+    """
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len  # scores + weighted sum
+    forward_per_slot = 2 * layer_matmul_params(cfg) + attention
+    passes = 4 if cfg.remat else 3
+    return token_slots * passes * forward_per_slot + target_slots * 4 * 2 * cfg.hidden_size * cfg.real_vocab_size
+
+
 # ----------------------------------------------------------------------------------------------
 # Building blocks
 
