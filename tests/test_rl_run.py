@@ -142,10 +142,6 @@ def test_vocabulary_without_the_catalogue_sids_is_one_line(sft_run, tmp_path):
     assert done.returncode == 2 and "SID tokens" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
-
 def test_a_run_that_never_beats_its_start_hands_back_the_start(sft_run, tmp_path):
     """--rl.keep-start (default): step 0 competes for "best"; an lr too small to change any ranking ties the
     start on valid, and the strict comparison keeps the start, so eval reads the SFT parameters themselves."""
@@ -160,3 +156,7 @@ def test_a_run_that_never_beats_its_start_hands_back_the_start(sft_run, tmp_path
     assert step == 0
     for x, y in zip(jax.tree.leaves(best), jax.tree.leaves(sft)):
         np.testing.assert_array_equal(x, y)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -207,6 +207,12 @@ def _rl(cfg: Config, run_dir: Path) -> dict:
 
     checkpoints = Checkpointer(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep, best_metric=BEST_METRIC,
                                mode="max")
+
+    def save_checkpoint(step: int, state, best: dict, metric: float | None) -> None:
+        """The state plus what a resume needs: the loader's position, the best so far, the config."""
+        checkpoints.save(step, state, {"loader": loader.state(), "best": best, "config": dataclasses.asdict(cfg)},
+                         metric=metric)
+
     restored = checkpoints.restore_latest(steps.abstract_state)
     latest = None if restored is None else restored[0]
     if restored is not None:
@@ -225,11 +231,10 @@ def _rl(cfg: Config, run_dir: Path) -> dict:
         first = validate(state.params)
         logger.log(0, first)
         logger.info(f"start: {first}")
-        best["start"] = first[f"valid/ndcg@{r.group_size}"]
+        best = {**best, "start": first[f"valid/ndcg@{r.group_size}"]}
         if r.keep_start:  # the start is a candidate for "best" like any step
             best = {**best, "metric": best["start"], "step": 0}
-            checkpoints.save(0, state, {"loader": loader.state(), "best": best, "config": dataclasses.asdict(cfg)},
-                             metric=best["metric"])
+            save_checkpoint(0, state, best, best["metric"])
 
     rollout_s = update_s = 0.0
     stop_reason = "finished"
@@ -265,8 +270,7 @@ def _rl(cfg: Config, run_dir: Path) -> dict:
                     best = {**best, "metric": metric, "step": step}
                 logger.log(step, values)
             if save:
-                checkpoints.save(step, state, {"loader": loader.state(), "best": best,
-                                               "config": dataclasses.asdict(cfg)}, metric=metric)
+                save_checkpoint(step, state, best, metric)
             if preempted:
                 stop_reason = "preempted"
                 logger.info(f"stop requested at step {step}: checkpoint saved, exiting cleanly")
