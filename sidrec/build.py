@@ -105,7 +105,7 @@ def model_config(cfg: Config, tokenizer: TokenizerInfo, vocab_multiple: int) -> 
         directory = resolve_hf_path(cfg.model.hf_path)
         architecture = hf.config_from_hf(hf.load_hf_config(directory), where=str(directory / "config.json"))
     return qwen2.Qwen2Config.build(architecture, tokenizer.tokenizer.get_vocab_size(), pad_to_multiple=vocab_multiple,
-                                   compute_dtype=cfg.model.dtype, remat=cfg.model.remat)
+                                   compute_dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention)
 
 
 def vocab_multiple(fsdp_size: int) -> int:

@@ -41,6 +41,9 @@ class ModelConfig(Architecture):
     """Compute dtype of matmuls (master weights stay fp32; softmax and loss are fp32)."""
     remat: bool = False
     """Rematerialise each layer in the backward pass (saves activation memory)."""
+    attention: Literal["xla", "splash", "splash_interpret"] = "xla"
+    """Attention of the training step: xla (any backend), splash (Pallas splash-attention kernel, TPU
+    only; rows a multiple of 128), splash_interpret (that kernel interpreted: any backend, slow, tests)."""
     sid_init_noise: float = 0.0
     """Std of Gaussian noise added to new SID embedding rows (0: exactly the mean of existing rows)."""
 
@@ -354,6 +357,8 @@ def _validation_errors(cfg: Config):
         yield "--data.tasks must name at least one task"
     if d.seq_len < d.cutoff_len:
         yield f"--data.seq-len ({d.seq_len}) must be >= --data.cutoff-len ({d.cutoff_len})"
+    if m.attention != "xla" and d.seq_len % 128:
+        yield f"--model.attention {m.attention} needs --data.seq-len a multiple of 128 (got {d.seq_len})"
     if m.hf_path is None:
         if m.num_heads % m.num_kv_heads:
             yield (f"--model.num-heads ({m.num_heads}) must be a multiple of "

@@ -43,30 +43,32 @@ class NonFiniteLossError(UserError):
 # Loss and step (pure; built once per run)
 
 
-def cross_entropy_sum(params, model_cfg: qwen2.Qwen2Config, micro_batch, *, unshard=None):
-    """Summed token cross-entropy (fp32) at the label positions of one (local) micro-batch."""
+def cross_entropy_sum(params, model_cfg: qwen2.Qwen2Config, micro_batch, *, unshard=None, max_segment_len=None):
+    """Summed token cross-entropy (fp32) at the label positions of one (local) micro-batch; no packed
+    example is longer than max_segment_len (None: unknown)."""
     hidden = qwen2.forward_hidden(params, model_cfg, micro_batch["tokens"], micro_batch["segment_ids"],
-                                  micro_batch["positions"], unshard=unshard)
+                                  micro_batch["positions"], unshard=unshard, max_segment_len=max_segment_len)
     cross_entropy = qwen2.cross_entropy_at(params, model_cfg, hidden, micro_batch["loss_pos"], micro_batch["loss_tgt"],
                                            unshard=unshard)
     return jnp.sum(cross_entropy * micro_batch["loss_w"])
 
 
-def make_global_ce_sum(model_cfg, mesh, partition_specs) -> Callable:
+def make_global_ce_sum(model_cfg, mesh, partition_specs, max_segment_len=None) -> Callable:
     """`f(params, micro_batch) -> summed CE over all devices`, FSDP through shard_map."""
     unshard = parallel.make_unshard(partition_specs)
     row_spec = {k: P(parallel.BATCH_AXES) for k in MICRO_BATCH_KEYS}
 
     def local(params, micro_batch):
-        return jax.lax.psum(cross_entropy_sum(params, model_cfg, micro_batch, unshard=unshard),
-                            parallel.BATCH_AXES)
+        return jax.lax.psum(cross_entropy_sum(params, model_cfg, micro_batch, unshard=unshard,
+                                              max_segment_len=max_segment_len), parallel.BATCH_AXES)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(partition_specs, row_spec), out_specs=P())
 
 
-def make_train_step(model_cfg, tx: optax.GradientTransformation, mesh, partition_specs) -> Callable:
+def make_train_step(model_cfg, tx: optax.GradientTransformation, mesh, partition_specs,
+                    max_segment_len=None) -> Callable:
     """`step(state, batch) -> (state, metrics)` over a TrainState."""
-    global_ce_sum = make_global_ce_sum(model_cfg, mesh, partition_specs)
+    global_ce_sum = make_global_ce_sum(model_cfg, mesh, partition_specs, max_segment_len)
     grad_fn = jax.value_and_grad(global_ce_sum)
 
     def step(state, batch):
@@ -96,9 +98,9 @@ def make_train_step(model_cfg, tx: optax.GradientTransformation, mesh, partition
     return step
 
 
-def make_eval_loss(model_cfg, mesh, partition_specs) -> Callable:
+def make_eval_loss(model_cfg, mesh, partition_specs, max_segment_len=None) -> Callable:
     """`f(params, batch) -> summed CE of a [A, R, ...] batch` (validation; no gradients)."""
-    global_ce_sum = make_global_ce_sum(model_cfg, mesh, partition_specs)
+    global_ce_sum = make_global_ce_sum(model_cfg, mesh, partition_specs, max_segment_len)
 
     def eval_loss(params, batch):
         micro_batches = {k: batch[k] for k in MICRO_BATCH_KEYS}
@@ -130,7 +132,9 @@ class CompiledSteps:
     abstract_state: TrainState                                  # ShapeDtypeStructs with shardings (restore target)
 
 
-def compile_steps(model_cfg, tx, mesh, partition_specs) -> CompiledSteps:
+def compile_steps(model_cfg, tx, mesh, partition_specs, max_segment_len=None) -> CompiledSteps:
+    """The jitted steps; max_segment_len bounds every packed example (training and validation), so
+    attention looks back no further (None: whole rows)."""
     param_shardings = parallel.shardings(mesh, partition_specs)
 
     def init_state(params) -> TrainState:
@@ -144,9 +148,10 @@ def compile_steps(model_cfg, tx, mesh, partition_specs) -> CompiledSteps:
     replicated = NamedSharding(mesh, P())
     return CompiledSteps(
         init_state=jax.jit(init_state, in_shardings=(param_shardings,), out_shardings=state_shardings),
-        train_step=jax.jit(make_train_step(model_cfg, tx, mesh, partition_specs), donate_argnums=0,
-                           out_shardings=(state_shardings, replicated)),
-        eval_loss_sum=jax.jit(make_eval_loss(model_cfg, mesh, partition_specs), out_shardings=replicated),
+        train_step=jax.jit(make_train_step(model_cfg, tx, mesh, partition_specs, max_segment_len),
+                           donate_argnums=0, out_shardings=(state_shardings, replicated)),
+        eval_loss_sum=jax.jit(make_eval_loss(model_cfg, mesh, partition_specs, max_segment_len),
+                              out_shardings=replicated),
         state_shardings=state_shardings, abstract_state=abstract_state)
 
 
@@ -241,15 +246,21 @@ def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
         f"{layout.seq_len} tokens per device per micro-batch; {loader.steps_per_epoch} steps/epoch, "
         f"{total_steps} steps in all")
 
+    if model_cfg.attention == "splash" and jax.default_backend() != "tpu":
+        raise UserError(f"--model.attention splash runs on TPU only (a Pallas Mosaic kernel); this backend is "
+                        f"{jax.default_backend()}: use --model.attention xla")
+    max_segment_len = int(max(train_data.lengths.max(), valid_data.lengths.max()))
     specs = qwen2.param_specs(model_cfg)
     partition_specs = parallel.param_partition_specs(specs, fsdp)
     tx, optimizer_info = optim.build_optimizer(cfg.optim, qwen2.flat_specs(model_cfg), total_steps)
     say(f"model: {qwen2.count_params(model_cfg):,} parameters, vocab {model_cfg.real_vocab_size} "
-        f"(padded to {model_cfg.vocab_size}), compute {model_cfg.compute_dtype}, remat {model_cfg.remat}")
+        f"(padded to {model_cfg.vocab_size}), compute {model_cfg.compute_dtype}, remat {model_cfg.remat}, "
+        f"attention {model_cfg.attention} (looking back <= {max_segment_len} tokens, the longest example)")
     return Trainer(cfg=cfg, mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer, train_data=train_data,
                    valid_data=valid_data, layout=layout, loader=loader, total_steps=total_steps,
                    param_shardings=parallel.shardings(mesh, partition_specs),
-                   compiled=compile_steps(model_cfg, tx, mesh, partition_specs), optimizer_info=optimizer_info)
+                   compiled=compile_steps(model_cfg, tx, mesh, partition_specs, max_segment_len),
+                   optimizer_info=optimizer_info)
 
 
 @dataclasses.dataclass(frozen=True)

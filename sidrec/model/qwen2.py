@@ -22,17 +22,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sidrec.errors import UserError
-from sidrec.model import vocab
+from sidrec.model import attention, vocab
 from sidrec.util import round_up
 
 # Logit of vocabulary rows that exist only as padding: finite (no NaN in softmax or its gradient)
 # and low enough that exp() underflows to exactly 0 next to any real logit.
 MASKED_LOGIT = -1e30
-# Attention score of a masked key; finite so a fully masked (padding) query row stays NaN-free.
-_MASKED_SCORE = float(np.finfo(np.float32).min) / 2
 
 Params = dict[str, Any]
 Unshard = Callable[[str, Any], Any]
@@ -92,6 +89,10 @@ class Qwen2Config(Architecture):
     """Dtype of matmuls (master weights stay fp32; softmax and loss are fp32)."""
     remat: bool = False
     """Rematerialise each layer in the backward pass."""
+    attention: str = "xla"
+    """Attention over packed training rows: "xla" (sidrec.model.attention.packed), "splash" (the Pallas
+    TPU kernel), "splash_interpret" (that kernel in Pallas' interpreter: any backend, slow; for tests).
+    Decoding and scoring always use XLA."""
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -102,6 +103,9 @@ class Qwen2Config(Architecture):
                                    f"({self.vocab_size})")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise Qwen2ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise Qwen2ConfigError(f"attention must be one of {', '.join(attention.IMPLEMENTATIONS)}, "
+                                   f"got {self.attention!r}")
 
     @property
     def dtype(self):
@@ -113,10 +117,10 @@ class Qwen2Config(Architecture):
 
     @classmethod
     def build(cls, architecture: Architecture, vocab_size: int, *, pad_to_multiple: int = 1,
-              compute_dtype: str = "float32", remat: bool = False) -> Qwen2Config:
+              compute_dtype: str = "float32", remat: bool = False, attention: str = "xla") -> Qwen2Config:
         """A model of `architecture` over `vocab_size` tokens, rows padded to a multiple (fast matmuls)."""
         return cls(**architecture_of(architecture), vocab_size=round_up(vocab_size, pad_to_multiple),
-                   real_vocab_size=vocab_size, compute_dtype=compute_dtype, remat=remat)
+                   real_vocab_size=vocab_size, compute_dtype=compute_dtype, remat=remat, attention=attention)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,19 +322,6 @@ def _project_qkv(layer: Params, cfg: Qwen2Config, h: jax.Array, cos, sin):
     return q.reshape(*q.shape[:2], K, cfg.q_per_kv, E), k, v
 
 
-def _masked_softmax(scores: jax.Array, visible: jax.Array, dtype) -> jax.Array:
-    scores = jnp.where(visible, scores, _MASKED_SCORE)
-    return jax.nn.softmax(scores, axis=-1).astype(dtype)
-
-
-def _attend(q, k, v, *, visible, dtype) -> jax.Array:
-    """Full-sequence attention: q [b,t,k,g,e], k/v [b,s,k,e], visible [b,t,s] -> [b,t,k,g,e]."""
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    probs = _masked_softmax(scores, visible[:, None, None], dtype)
-    return jnp.einsum("bkgts,bske->btkge", probs, v)
-
-
 def _mlp(layer: Params, cfg: Qwen2Config, x: jax.Array) -> jax.Array:
     h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
     gate = jax.nn.silu(jnp.einsum("btd,df->btf", h, layer["w_gate"]))
@@ -358,15 +349,6 @@ def _decoder_layer(layer: Params, cfg: Qwen2Config, x, cos, sin, attend):
     return x, (k, v)
 
 
-def attention_visibility(segment_ids: jax.Array) -> jax.Array:
-    """[b, t, s] bool: same non-zero segment and key not after query (packed causal attention)."""
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    real = (segment_ids != 0)[:, :, None]
-    t = segment_ids.shape[1]
-    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-    return same & real & causal
-
-
 def _embed(params, cfg, tokens, unshard):
     with jax.named_scope("embed"):
         table = unshard("embed", params["embed"])
@@ -378,23 +360,19 @@ def _final_norm(params, cfg, x, unshard):
         return rms_norm(x, unshard("final_norm", params["final_norm"]), cfg.rms_norm_eps)
 
 
-def _run_layers(params, cfg: Qwen2Config, x, positions, visible, unshard, *, keep_kv: bool, prefix_kv=None):
+def _run_layers(params, cfg: Qwen2Config, x, positions, attend, unshard, *, keep_kv: bool, prefix_kv=None):
     """Scan the stacked layers; optionally return the stacked (k, v) [L, b, t, k, e] for a cache.
 
-    prefix_kv: optional stacked (k, v) [L, b, s, k, e] of earlier tokens that every query may also attend
-    to (visible is then [b, t, s + t]: the prefix's keys first); gradients flow into it.
+    attend(q, k, v, prefix) -> [b, t, k, g, e] is the attention of one layer; prefix is that layer's
+    slice of prefix_kv: optional stacked (k, v) [L, b, s, k, e] of earlier tokens that every query may
+    also attend to (see `_whole_row`); gradients flow into it.
     """
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
 
     def body(x, xs):
         layer, prefix = xs
-        if prefix is None:
-            attend = functools.partial(_attend, visible=visible, dtype=cfg.dtype)
-        else:
-            def attend(q, k, v):
-                return _attend(q, jnp.concatenate([prefix[0], k], axis=1), jnp.concatenate([prefix[1], v], axis=1),
-                               visible=visible, dtype=cfg.dtype)
-        x, kv = _decoder_layer(unshard("layers", layer), cfg, x, cos, sin, attend)
+        x, kv = _decoder_layer(unshard("layers", layer), cfg, x, cos, sin,
+                               lambda q, k, v: attend(q, k, v, prefix))
         return x, (kv if keep_kv else None)
 
     if cfg.remat:
@@ -404,16 +382,38 @@ def _run_layers(params, cfg: Qwen2Config, x, positions, visible, unshard, *, kee
     return jax.lax.scan(body, x, (params["layers"], prefix_kv))
 
 
+def _whole_row(visible, dtype):
+    """Attention over whole rows, visible [b, t, s + t] with a prefix's s keys first (else [b, t, t])."""
+    def attend(q, k, v, prefix):
+        if prefix is not None:
+            k, v = jnp.concatenate([prefix[0], k], axis=1), jnp.concatenate([prefix[1], v], axis=1)
+        return attention.whole_row(q, k, v, visible=visible, dtype=dtype)
+    return attend
+
+
+def _packed_rows(cfg: Qwen2Config, segment_ids, max_segment_len):
+    """Attention over packed rows (sidrec.model.attention), by cfg.attention."""
+    def attend(q, k, v, prefix):
+        if cfg.attention == "xla":
+            return attention.packed(q, k, v, segment_ids=segment_ids, max_segment_len=max_segment_len,
+                                    dtype=cfg.dtype)
+        return attention.splash(q, k, v, segment_ids=segment_ids, max_segment_len=max_segment_len,
+                                interpret=cfg.attention == "splash_interpret").astype(cfg.dtype)
+    return attend
+
+
 # ----------------------------------------------------------------------------------------------
 # Training / scoring forward
 
 
 def forward_hidden(params: Params, cfg: Qwen2Config, tokens, segment_ids, positions, *,
-                   unshard: Unshard | None = None) -> jax.Array:
+                   unshard: Unshard | None = None, max_segment_len: int | None = None) -> jax.Array:
     """Final-norm hidden states [b, t, d] in the compute dtype.
 
     tokens, segment_ids, positions: int32 [b, t]. A query sees keys of the same non-zero segment at or
     before its index in the row; positions restart per packed segment (the caller provides them).
+    max_segment_len: no segment is longer (the training data's longest example), so attention looks back
+    no further than that (sidrec.model.attention.packed); None: whole rows.
     unshard(name, tree) returns the gathered arrays (FSDP hook; None = identity); `name` is the top-level
     key of params: "embed", "layers" (each per-layer slice dict inside the scan, leaves without the L
     axis), "final_norm" (and in logits_at "lm_head", or "embed" again when tied). It receives the fp32
@@ -422,7 +422,8 @@ def forward_hidden(params: Params, cfg: Qwen2Config, tokens, segment_ids, positi
     """
     unshard = unshard or _identity_unshard
     x = _embed(params, cfg, tokens, unshard)
-    x, _ = _run_layers(params, cfg, x, positions, attention_visibility(segment_ids), unshard, keep_kv=False)
+    x, _ = _run_layers(params, cfg, x, positions, _packed_rows(cfg, segment_ids, max_segment_len), unshard,
+                       keep_kv=False)
     return _final_norm(params, cfg, x, unshard)
 
 
@@ -484,8 +485,8 @@ def continuation_hidden(params: Params, cfg: Qwen2Config, prompt_tokens, prompt_
     mask = prompt_mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     x = _embed(params, cfg, prompt_tokens, unshard)
-    x, prompt_kv = _run_layers(params, cfg, x, positions, attention_visibility(mask.astype(jnp.int32)), unshard,
-                               keep_kv=True)
+    x, prompt_kv = _run_layers(params, cfg, x, positions, _whole_row(attention.visibility(mask), cfg.dtype),
+                               unshard, keep_kv=True)
     last = _final_norm(params, cfg, x[:, -1], unshard)
     # Continuation token (j, c) sees the real prompt tokens and tokens (j, <= c) of its own continuation.
     beam, step = jnp.repeat(jnp.arange(w), m), jnp.tile(jnp.arange(m), w)
@@ -494,7 +495,8 @@ def continuation_hidden(params: Params, cfg: Qwen2Config, prompt_tokens, prompt_
                                jnp.broadcast_to(own, (b, w * m, w * m))], axis=-1)
     suffix_positions = jnp.sum(mask, axis=1, dtype=jnp.int32)[:, None] + step[None, :]
     y = _embed(params, cfg, continuations.reshape(b, w * m), unshard)
-    y, _ = _run_layers(params, cfg, y, suffix_positions, visible, unshard, keep_kv=False, prefix_kv=prompt_kv)
+    y, _ = _run_layers(params, cfg, y, suffix_positions, _whole_row(visible, cfg.dtype), unshard, keep_kv=False,
+                       prefix_kv=prompt_kv)
     y = _final_norm(params, cfg, y, unshard).reshape(b, w, m, -1)
     return jnp.concatenate([jnp.broadcast_to(last[:, None, None], (b, w, 1, last.shape[-1])), y[:, :, :-1]], axis=2)
 
@@ -546,7 +548,7 @@ def prefill(params: Params, cfg: Qwen2Config, tokens, mask, *, num_beams: int = 
     mask = mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     x = _embed(params, cfg, tokens, _identity_unshard)
-    x, (k, v) = _run_layers(params, cfg, x, positions, attention_visibility(mask.astype(jnp.int32)),
+    x, (k, v) = _run_layers(params, cfg, x, positions, _whole_row(attention.visibility(mask), cfg.dtype),
                             _identity_unshard, keep_kv=True)
     last = _final_norm(params, cfg, x[:, -1], _identity_unshard)
     L, b = cfg.num_layers, tokens.shape[0]
@@ -576,7 +578,7 @@ def _decode_attention(q, k_new, v_new, *, prompt_k, prompt_v, prompt_mask, suffi
         jnp.broadcast_to(jnp.arange(m) < length, suffix_scores.shape),
         jnp.ones(self_scores.shape, bool),
     ], axis=-1)
-    probs = _masked_softmax(scores, visible, dtype)
+    probs = attention.masked_softmax(scores, visible, dtype)
     p_prompt, p_suffix, p_self = probs[..., :s], probs[..., s:s + m], probs[..., s + m]
     out = (jnp.einsum("bwkgs,bske->bwkge", p_prompt, prompt_v)
            + jnp.einsum("bwkgm,bwmke->bwkge", p_suffix, suffix_v)

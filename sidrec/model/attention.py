@@ -1,0 +1,156 @@
+"""Attention over packed rows (training and validation), and the whole-row form everything else uses.
+
+A packed row holds several examples back to back; a query sees the keys of its own segment at or before
+it. Computed over whole rows that is a [t, t] score matrix per head, almost all of it masked: rows of
+1024 tokens hold examples of ~140 tokens. `packed` cuts the row into blocks of BLOCK queries, and each
+block attends only to its own and the `lookback` blocks before it, enough to reach back to the start of
+the longest possible segment (`max_segment_len`, known from the data). On a 2-core CPU the
+forward + backward of one layer's attention over 3 rows of 1024, examples <= 498 tokens (the Industrial
+mixture's longest), takes 0.11 s against 0.31 s whole-row (bench/attention_speed.py); with no bound it
+still computes only blocks at or below the diagonal.
+
+`splash` runs the same visibility through Pallas' TPU splash-attention kernel (flash attention with
+segment ids; the causal / local-window mask is static, so it also skips blocks past the lookback). It is
+tested here only in Pallas interpret mode on CPU (`splash_interpret`), against `whole_row`.
+
+Einsum letters as in qwen2.py; n is the block index, q / s the query / key position inside a block
+(window).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Attention score of a masked key; finite so a fully masked (padding) query row stays NaN-free.
+MASKED_SCORE = float(np.finfo(np.float32).min) / 2
+# Query rows per block in `packed`: 32, 64 and 128 measured within 10% of each other (CPU, rows of
+# 1024); 64 wastes the least of the lookback window at the block edges.
+BLOCK = 64
+IMPLEMENTATIONS = ("xla", "splash", "splash_interpret")
+
+
+def visibility(segment_ids: jax.Array) -> jax.Array:
+    """[b, t, s] bool: same non-zero segment and key not after query (packed causal attention)."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    real = (segment_ids != 0)[:, :, None]
+    t = segment_ids.shape[1]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    return same & real & causal
+
+
+def masked_softmax(scores: jax.Array, visible: jax.Array, dtype) -> jax.Array:
+    scores = jnp.where(visible, scores, MASKED_SCORE)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def whole_row(q, k, v, *, visible, dtype) -> jax.Array:
+    """q [b,t,k,g,e], k/v [b,s,k,e], visible [b,t,s] -> [b,t,k,g,e]."""
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    probs = masked_softmax(scores, visible[:, None, None], dtype)
+    return jnp.einsum("bkgts,bske->btkge", probs, v)
+
+
+def lookback_blocks(seq_len: int, max_segment_len: int | None, block: int = BLOCK) -> int:
+    """Blocks before its own that a query block must see to reach its segments' starts."""
+    all_before = seq_len // block - 1
+    if max_segment_len is None:
+        return all_before
+    return min(all_before, math.ceil((max_segment_len - 1) / block))
+
+
+def _blocks(x: jax.Array) -> jax.Array:
+    """[b, n*BLOCK, ...] -> [b, n, BLOCK, ...]."""
+    return x.reshape(x.shape[0], x.shape[1] // BLOCK, BLOCK, *x.shape[2:])
+
+
+def _windows(x: jax.Array, lookback: int, fill) -> jax.Array:
+    """[b, n*BLOCK, ...] -> [b, n, (lookback+1)*BLOCK, ...]: block i with the `lookback` before it
+    (`fill` before the row's start)."""
+    blocks = _blocks(x)
+    n = blocks.shape[1]
+    padded = jnp.pad(blocks, [(0, 0), (lookback, 0)] + [(0, 0)] * (blocks.ndim - 2), constant_values=fill)
+    return jnp.concatenate([padded[:, j:j + n] for j in range(lookback + 1)], axis=2)
+
+
+def packed(q, k, v, *, segment_ids, max_segment_len: int | None, dtype) -> jax.Array:
+    """`whole_row` with `visibility(segment_ids)`, computed block by block over the lookback window.
+
+    q [b,t,k,g,e], k/v [b,t,k,e], segment_ids [b,t] -> [b,t,k,g,e]. Equal to whole_row at every real
+    (non-zero segment) query; padding queries see nothing in either and their outputs are never read.
+    Rows that are not a multiple of BLOCK run whole_row.
+    """
+    b, t = segment_ids.shape
+    if t % BLOCK:
+        return whole_row(q, k, v, visible=visibility(segment_ids), dtype=dtype)
+    lookback = lookback_blocks(t, max_segment_len)
+    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    query_segment, key_segment = _blocks(segment_ids), _windows(segment_ids, lookback, -1)
+    visible = ((query_segment[..., :, None] == key_segment[..., None, :])
+               & (query_segment != 0)[..., :, None]
+               & (_blocks(index)[..., :, None] >= _windows(index, lookback, 0)[..., None, :]))
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bnqkge,bnske->bnkgqs", _blocks(q), _windows(k, lookback, 0),
+                        preferred_element_type=jnp.float32) * scale
+    probs = masked_softmax(scores, visible[:, :, None, None], dtype)
+    out = jnp.einsum("bnkgqs,bnske->bnqkge", probs, _windows(v, lookback, 0))
+    return out.reshape(q.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# TPU: Pallas splash attention
+
+
+def splash_block(seq_len: int) -> int | None:
+    """The kernel's block size for rows of seq_len (None: rows must be a multiple of 128)."""
+    return next((size for size in (512, 256, 128) if seq_len % size == 0), None)
+
+
+@functools.cache
+def _splash_kernel(seq_len: int, heads_per_kv: int, max_segment_len: int | None, interpret: bool):
+    # Imported here: the Pallas TPU modules are not needed (or loaded) by the default path.
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as kernel_lib,
+        splash_attention_mask as mask_lib,
+    )
+
+    block = splash_block(seq_len)
+    if block is None:
+        raise ValueError(f"splash attention needs rows that are a multiple of 128 tokens, got {seq_len}")
+    shape = (seq_len, seq_len)
+    if max_segment_len is None or max_segment_len >= seq_len:
+        mask = mask_lib.CausalMask(shape)
+    else:  # causal and at most max_segment_len - 1 keys back: blocks beyond it are skipped
+        mask = mask_lib.LocalMask(shape, window_size=(max_segment_len - 1, 0), offset=0)
+    sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                  block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                                  block_kv_dq=block)
+    # One kv head and its group of query heads: grouped-query attention is this kernel vmapped over kv heads.
+    return kernel_lib.make_splash_mqa_single_device(mask_lib.MultiHeadMask([mask] * heads_per_kv),
+                                                    block_sizes=sizes, interpret=interpret)
+
+
+def splash(q, k, v, *, segment_ids, max_segment_len: int | None, interpret: bool = False) -> jax.Array:
+    """`packed` through the splash-attention kernel: q [b,t,k,g,e], k/v [b,t,k,e] -> [b,t,k,g,e].
+
+    Padding tokens (segment 0) attend among themselves here instead of to nothing: real queries never
+    see them in either, and padding outputs are never read.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    b, t, K, G, E = q.shape
+    kernel = _splash_kernel(t, G, max_segment_len, interpret)
+    q = jnp.transpose(q * jnp.asarray(E ** -0.5, q.dtype), (0, 2, 3, 1, 4))  # [b, k, g, t, e]: the kernel does not scale
+    k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))   # [b, k, t, e]
+
+    def one_row(q, k, v, segments):
+        ids = SegmentIds(q=segments, kv=segments)
+        return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
+
+    out = jax.vmap(one_row)(q, k, v, segment_ids)  # [b, k, g, t, e]
+    return jnp.transpose(out, (0, 3, 1, 2, 4))

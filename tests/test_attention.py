@@ -1,0 +1,140 @@
+"""Packed-row attention (block-local lookback, Pallas splash in interpret mode) equals whole-row masked
+attention at every real query, values and gradients; and the training loss does not depend on the form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sidrec.model import attention, qwen2
+
+B, K, G, E = 2, 2, 2, 16
+
+
+def packed_segments(rng, rows: int, seq_len: int, max_len: int) -> np.ndarray:
+    """Segment ids of rows packed with examples of 1..max_len tokens, some padding at each row's end."""
+    ids = np.zeros((rows, seq_len), np.int32)
+    for r in range(rows):
+        start, segment = 0, 1
+        while True:
+            length = int(rng.integers(1, max_len + 1))
+            if start + length > seq_len - 7:
+                break
+            ids[r, start:start + length] = segment
+            start, segment = start + length, segment + 1
+    return ids
+
+
+def qkv(rng, seq_len, dtype=jnp.float32):
+    q = rng.normal(size=(B, seq_len, K, G, E))
+    k, v = rng.normal(size=(2, B, seq_len, K, E))
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def reference(q, k, v, segment_ids):
+    return attention.whole_row(q, k, v, visible=attention.visibility(segment_ids), dtype=q.dtype)
+
+
+def loss_and_grads(fn, q, k, v, segment_ids, weights):
+    real = (segment_ids != 0)[:, :, None, None, None]
+    return jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.where(real, fn(q, k, v) * weights, 0.0)),
+                              argnums=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize("seq_len, max_len, bound", [(256, 70, 70), (256, 70, None), (192, 130, 130),
+                                                     (100, 40, 40)])
+def test_packed_equals_whole_row_attention(seq_len, max_len, bound):
+    """Lookback of ceil((70-1)/64) = 2 blocks, all blocks (no bound), a bound spanning 3 blocks, and rows
+    that are not a multiple of the block (whole-row fallback). fp32 sums in another order: 1e-5."""
+    rng = np.random.default_rng(seq_len + max_len)
+    segment_ids = jnp.asarray(packed_segments(rng, B, seq_len, max_len))
+    q, k, v = qkv(rng, seq_len)
+    weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    real = np.asarray(segment_ids != 0)
+    ours = attention.packed(q, k, v, segment_ids=segment_ids, max_segment_len=bound, dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(ours)[real], np.asarray(reference(q, k, v, segment_ids))[real],
+                               atol=1e-5, rtol=1e-5)
+    fn = lambda q, k, v: attention.packed(q, k, v, segment_ids=segment_ids, max_segment_len=bound,  # noqa: E731
+                                          dtype=jnp.float32)
+    (loss, grads), (ref_loss, ref_grads) = (loss_and_grads(fn, q, k, v, segment_ids, weights),
+                                            loss_and_grads(lambda q, k, v: reference(q, k, v, segment_ids),
+                                                           q, k, v, segment_ids, weights))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for ours_grad, ref_grad in zip(grads, ref_grads):
+        np.testing.assert_allclose(ours_grad, ref_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bound_shorter_than_a_segment_changes_the_result():
+    """The lookback really cuts keys: a bound below the longest segment gives different outputs (so the
+    trainer must pass the data's longest example, never less)."""
+    rng = np.random.default_rng(0)
+    segment_ids = jnp.asarray(np.ones((B, 256), np.int32))  # one 256-token segment per row
+    q, k, v = qkv(rng, 256)
+    exact = attention.packed(q, k, v, segment_ids=segment_ids, max_segment_len=256, dtype=jnp.float32)
+    cut = attention.packed(q, k, v, segment_ids=segment_ids, max_segment_len=64, dtype=jnp.float32)
+    assert attention.lookback_blocks(256, 64) == 1 and attention.lookback_blocks(256, 256) == 3
+    np.testing.assert_allclose(exact[:, :128], cut[:, :128], atol=1e-6)  # within reach of both
+    assert float(jnp.max(jnp.abs(exact[:, 128:] - cut[:, 128:]))) > 1e-3
+
+
+@pytest.mark.parametrize("bound", [None, 100])
+def test_splash_kernel_in_interpret_mode_equals_whole_row_attention(bound):
+    """The TPU splash-attention path (causal mask, or the local window when bounded), run by Pallas'
+    interpreter on CPU: values and gradients at real queries within 2e-5 (fp32, flash-style online
+    softmax sums in another order)."""
+    rng = np.random.default_rng(7)
+    seq_len = 256
+    segment_ids = jnp.asarray(packed_segments(rng, B, seq_len, 100))
+    q, k, v = qkv(rng, seq_len)
+    weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    real = np.asarray(segment_ids != 0)
+    fn = lambda q, k, v: attention.splash(q, k, v, segment_ids=segment_ids, max_segment_len=bound,  # noqa: E731
+                                          interpret=True)
+    np.testing.assert_allclose(np.asarray(fn(q, k, v))[real], np.asarray(reference(q, k, v, segment_ids))[real],
+                               atol=2e-5, rtol=2e-5)
+    (loss, grads), (ref_loss, ref_grads) = (loss_and_grads(fn, q, k, v, segment_ids, weights),
+                                            loss_and_grads(lambda q, k, v: reference(q, k, v, segment_ids),
+                                                           q, k, v, segment_ids, weights))
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
+    for ours_grad, ref_grad in zip(grads, ref_grads):
+        np.testing.assert_allclose(ours_grad, ref_grad, atol=2e-5, rtol=2e-5)
+
+
+def test_training_loss_and_gradient_do_not_depend_on_the_attention_form():
+    """forward_hidden + cross-entropy of a tiny Qwen2 over packed rows of 128: every block (no bound),
+    the data's bound, and splash in interpret mode give one loss and one gradient."""
+    from sidrec.train import cross_entropy_sum
+
+    rng = np.random.default_rng(3)
+    seq_len, vocab_size = 128, 300
+    cfg = qwen2.Qwen2Config(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                            head_dim=8, vocab_size=vocab_size, real_vocab_size=vocab_size)
+    params = qwen2.init_params(cfg, jax.random.key(0))
+    segments = packed_segments(rng, B, seq_len, 40)
+    positions = np.zeros_like(segments)
+    for r in range(B):
+        for s in range(1, segments[r].max() + 1):
+            where = np.flatnonzero(segments[r] == s)
+            positions[r, where] = np.arange(len(where))
+    real = np.flatnonzero(segments.reshape(-1))
+    micro_batch = {
+        "tokens": jnp.asarray(rng.integers(0, vocab_size, segments.shape), jnp.int32),
+        "segment_ids": jnp.asarray(segments), "positions": jnp.asarray(positions, jnp.int32),
+        "loss_pos": jnp.asarray(np.stack([real[real < seq_len][:16], real[real >= seq_len][:16] - seq_len])),
+        "loss_tgt": jnp.asarray(rng.integers(0, vocab_size, (B, 16)), jnp.int32),
+        "loss_w": jnp.ones((B, 16), jnp.float32),
+    }
+
+    def value_and_grad(model_cfg, bound):
+        return jax.value_and_grad(lambda p: cross_entropy_sum(p, model_cfg, micro_batch, max_segment_len=bound))(params)
+
+    ref_loss, ref_grads = value_and_grad(cfg, None)
+    for model_cfg, bound in [(cfg, 40), (qwen2.Qwen2Config(**{**cfg.__dict__, "attention": "splash_interpret"}), 40)]:
+        loss, grads = value_and_grad(model_cfg, bound)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), grads, ref_grads)
+
+
+def test_unknown_attention_is_a_clear_error():
+    with pytest.raises(qwen2.Qwen2ConfigError, match="attention must be one of xla, splash, splash_interpret"):
+        qwen2.Qwen2Config(vocab_size=10, real_vocab_size=10, attention="flash")
