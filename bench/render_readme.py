@@ -159,10 +159,17 @@ def scale_section(r: dict) -> list[str]:
                 {"what": f"seed port (every row padded to {seed['row_length']}, full logits)",
                  "tflop": seed["flops_per_step"] / 1e12,
                  "time": f"{seed['step_s']:.2f} s measured ({seed['mfu']:.0%} MFU)"},
-                {"what": "sidrec (packing, logits at targets, remat)",
+                {"what": "sidrec (packing, logits at targets, remat, block-local attention)",
                  "tflop": res["executed_flops_per_step"] / 1e12,
                  "time": ", ".join(f"{t:.2f} s at {u}" for u, t in res["step_s_at"].items())},
+                {"what": "sidrec, `--model.attention splash`",
+                 "tflop": res["executed_flops_per_step_splash"] / 1e12,
+                 "time": ", ".join(f"{t:.2f} s at {u}" for u, t in res["step_s_at_splash"].items())},
             ], [("what", "per optimizer step", ""), ("tflop", "TFLOP", ".0f"), ("time", "step time", "")]), "",
+            f"Attention looks back at most {step['max_segment_len']} tokens (the longest example); over whole "
+            f"rows the step would execute {res['executed_flops_per_step_whole_rows'] / 1e12:.0f} TFLOP. Splash "
+            "skips the kernel's blocks beyond the diagonal and the lookback (compiled here only in Pallas' "
+            "interpret mode; not run on a TPU).", "",
             f"Work ratio seed / ours {res['work_ratio_seed_over_ours']:.1f}x; implied speedup over the seed "
             + ", ".join(f"{x:.1f}x at {u}" for u, x in res["speedup_over_seed_at"].items()) + " utilisation.", ""]
 

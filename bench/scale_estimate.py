@@ -63,6 +63,7 @@ def step_statistics(seq_len: int) -> dict:
         "target_slots": float(np.mean([p.num_micro_batches * layout.rows_per_micro_batch * loader.targets_per_row
                                        for p in plans])),
         "vocab_size": tokenizer.tokenizer.get_vocab_size(),
+        "max_segment_len": int(data.lengths.max()),
     }
 
 
@@ -72,7 +73,12 @@ def estimate(seq_len: int = 1024) -> dict:
                             real_vocab_size=stats["vocab_size"], **QWEN25_15B)
     peak = DEVICES * TPU_V6E_PEAK
     model_flops = qwen2.flops_per_token(cfg, seq_len) * stats["tokens"]
-    executed = qwen2.executed_train_flops(cfg, stats["token_slots"], stats["target_slots"], seq_len)
+    executed = qwen2.executed_train_flops(cfg, stats["token_slots"], stats["target_slots"], seq_len,
+                                          stats["max_segment_len"])
+    splash = dataclasses.replace(cfg, attention="splash")  # --model.attention splash
+    executed_splash = qwen2.executed_train_flops(splash, stats["token_slots"], stats["target_slots"], seq_len,
+                                                 stats["max_segment_len"])
+    whole_rows = qwen2.executed_train_flops(cfg, stats["token_slots"], stats["target_slots"], seq_len)
     seed_tokens = INDUSTRIAL_V6E8_MUON.train.global_batch_size * SEED_ROW_LENGTH
     seed_flops = qwen2.flops_per_token(cfg, SEED_ROW_LENGTH) * seed_tokens
     return {
@@ -82,6 +88,9 @@ def estimate(seq_len: int = 1024) -> dict:
         "model_flops_per_step": model_flops,
         "executed_flops_per_step": executed,
         "step_s_at": {f"{u:.0%}": executed / (u * peak) for u in UTILISATIONS},
+        "executed_flops_per_step_splash": executed_splash,
+        "step_s_at_splash": {f"{u:.0%}": executed_splash / (u * peak) for u in UTILISATIONS},
+        "executed_flops_per_step_whole_rows": whole_rows,
         "seed": {"step_s": SEED_STEP_S, "row_length": SEED_ROW_LENGTH, "flops_per_step": seed_flops,
                  "mfu": seed_flops / (SEED_STEP_S * peak)},
         "work_ratio_seed_over_ours": seed_flops / executed,
@@ -96,7 +105,9 @@ def report(r: dict) -> str:
              "time": f"{seed['step_s']:.2f} s measured ({seed['mfu']:.0%} MFU)"}]
     rows += [{"what": f"sidrec (packed rows of {r['seq_len']}, logits at targets)",
               "tflop": r["executed_flops_per_step"] / 1e12,
-              "time": ", ".join(f"{t:.2f} s at {u}" for u, t in r["step_s_at"].items())}]
+              "time": ", ".join(f"{t:.2f} s at {u}" for u, t in r["step_s_at"].items())},
+             {"what": "sidrec, --model.attention splash", "tflop": r["executed_flops_per_step_splash"] / 1e12,
+              "time": ", ".join(f"{t:.2f} s at {u}" for u, t in r["step_s_at_splash"].items())}]
     return "\n".join([
         f"Qwen2.5-1.5B ({r['model']['params'] / 1e9:.2f}B params), global batch 1024 on TPU v6e-8 "
         f"({r['peak_flops'] / 1e15:.2f} PFLOP/s bf16): per step {s['tokens']:,.0f} real tokens in "

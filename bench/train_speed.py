@@ -64,7 +64,8 @@ class OurStep:
         A, R, T = local["tokens"].shape
         stats = {"seq_len": T, "micro_batches": A, "rows": A * R, "targets_per_row": local["loss_pos"].shape[-1],
                  "examples": cfg.train.global_batch_size, "tokens": float(local["n_tokens"]),
-                 "targets": float(local["n_targets"]), "slot_utilisation": float(local["n_tokens"]) / (A * R * T)}
+                 "targets": float(local["n_targets"]), "slot_utilisation": float(local["n_tokens"]) / (A * R * T),
+                 "max_segment_len": trainer.max_segment_len}
         return cls(trainer, parallel.global_batch(trainer.mesh, local), trainer.fresh_state(), stats)
 
     def __call__(self) -> None:
@@ -78,7 +79,8 @@ class OurStep:
 def executed_flops(model_cfg: qwen2.Qwen2Config, stats: dict) -> float:
     """`qwen2.executed_train_flops` of the step's slots."""
     return qwen2.executed_train_flops(model_cfg, stats["rows"] * stats["seq_len"],
-                                      stats["rows"] * stats["targets_per_row"], stats["seq_len"])
+                                      stats["rows"] * stats["targets_per_row"], stats["seq_len"],
+                                      stats["max_segment_len"])
 
 
 def dense_matmul_flops(sizes=(1024, 2048), repeats: int = 5) -> dict:

@@ -190,6 +190,7 @@ class Trainer:
     param_shardings: Any
     compiled: CompiledSteps
     optimizer_info: Any
+    max_segment_len: int  # the longest training or validation example: attention looks back this far
 
     def fresh_state(self) -> TrainState:
         params = build.initial_params(self.cfg, self.model_cfg, build.vocab_multiple(self.fsdp), self.param_shardings)
@@ -260,7 +261,7 @@ def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
                    valid_data=valid_data, layout=layout, loader=loader, total_steps=total_steps,
                    param_shardings=parallel.shardings(mesh, partition_specs),
                    compiled=compile_steps(model_cfg, tx, mesh, partition_specs, max_segment_len),
-                   optimizer_info=optimizer_info)
+                   optimizer_info=optimizer_info, max_segment_len=max_segment_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,7 +392,8 @@ class _Meter:
         """What the step computes over this batch's slots, all processes (`qwen2.executed_train_flops`)."""
         processes = jax.process_count()
         return qwen2.executed_train_flops(self.trainer.model_cfg, batch["tokens"].size * processes,
-                                          batch["loss_pos"].size * processes, batch["tokens"].shape[-1])
+                                          batch["loss_pos"].size * processes, batch["tokens"].shape[-1],
+                                          self.trainer.max_segment_len)
 
     def push(self, step: int, metrics, n_tokens: float, executed_flops: float) -> None:
         if self.first_step is None:

@@ -104,6 +104,10 @@ def test_help_shows_every_overridable_field():
      "--train.global-batch-size (100) must be a multiple"),
     (["eval", "--preset", "demo", "--model.hf-path", "/nonexistent/model"], "--model.hf-path /nonexistent/model"),
     (["train", "--preset", "demo", "--mesh.fsdp", "3", "--run-dir", "{tmp}"], "--mesh.data (1) x --mesh.fsdp (3)"),
+    (["train", "--preset", "demo", "--model.attention", "splash", "--run-dir", "{tmp}"],
+     "--model.attention splash runs on TPU only"),
+    (["train", "--preset", "demo", "--model.attention", "splash_interpret", "--data.seq-len", "320"],
+     "--model.attention splash_interpret needs --data.seq-len a multiple of 128 (got 320)"),
 ])
 def test_user_mistakes_end_in_one_clear_line(args, message, tmp_path):
     done = run_cli(*[a.replace("{tmp}", str(tmp_path / "run")) for a in args])

@@ -64,6 +64,22 @@ def lookback_blocks(seq_len: int, max_segment_len: int | None, block: int = BLOC
     return min(all_before, math.ceil((max_segment_len - 1) / block))
 
 
+def keys_per_query(seq_len: int, max_segment_len: int | None, implementation: str = "xla") -> float:
+    """Keys one query's scores are computed against (for executed-FLOP counts), on average.
+
+    xla (`packed`): the lookback window, BLOCK-padded at the row's start (whole rows when seq_len is not
+    a multiple of BLOCK). splash: the kernel's blocks at or below the diagonal within the lookback.
+    """
+    if implementation == "xla":
+        if seq_len % BLOCK:
+            return float(seq_len)
+        return float((lookback_blocks(seq_len, max_segment_len) + 1) * BLOCK)
+    block = splash_block(seq_len) or BLOCK
+    reach = seq_len if max_segment_len is None else max_segment_len - 1
+    first = np.maximum(0, (np.arange(seq_len // block) * block - reach) // block)
+    return float(np.mean(np.arange(seq_len // block) - first + 1) * block)
+
+
 def _blocks(x: jax.Array) -> jax.Array:
     """[b, n*BLOCK, ...] -> [b, n, BLOCK, ...]."""
     return x.reshape(x.shape[0], x.shape[1] // BLOCK, BLOCK, *x.shape[2:])

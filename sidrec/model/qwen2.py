@@ -249,7 +249,7 @@ def flops_per_token(cfg: Qwen2Config, seq_len: int) -> float:
 
     N counts the parameters used in matmuls: the input embedding is a gather, so an untied model's
     embedding table is left out (a tied one is counted once, as the head). Attention is counted over
-    the full row length T, as computed (packed segments are masked, not skipped).
+    the full row length T, the convention (what the step computes: `executed_train_flops`).
     """
     n = count_params(cfg)
     if not cfg.tie_word_embeddings:
@@ -264,16 +264,19 @@ def layer_matmul_params(cfg: Qwen2Config) -> int:
     return cfg.num_layers * cfg.hidden_size * (2 * q + 2 * kv + 3 * cfg.intermediate_size)
 
 
-def executed_train_flops(cfg: Qwen2Config, token_slots: float, target_slots: float, seq_len: int) -> float:
+def executed_train_flops(cfg: Qwen2Config, token_slots: float, target_slots: float, seq_len: int,
+                         max_segment_len: int | None = None) -> float:
     """FLOPs one training step really executes (for hardware utilisation, next to `flops_per_token`'s MFU).
 
     The layers run over every row slot, padding included: forward + backward = 3 forwards, 4 with remat.
-    Attention covers full rows of `seq_len`. The vocabulary head runs only at the target slots, 4 forwards
-    there: vocab.cross_entropy's backward recomputes its logits chunk by chunk before the two gradients.
+    Each query's attention covers `attention.keys_per_query` keys (rows of `seq_len`, examples of at
+    most `max_segment_len`). The vocabulary head runs only at the target slots, 4 forwards there:
+    vocab.cross_entropy's backward recomputes its logits chunk by chunk before the two gradients.
     A small model with a large vocabulary executes far less than 6N per token (the head is most of N).
     """
-    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len  # scores + weighted sum
-    forward_per_slot = 2 * layer_matmul_params(cfg) + attention
+    keys = attention.keys_per_query(seq_len, max_segment_len, cfg.attention.removesuffix("_interpret"))
+    scores_and_sum = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * keys
+    forward_per_slot = 2 * layer_matmul_params(cfg) + scores_and_sum
     passes = 4 if cfg.remat else 3
     return token_slots * passes * forward_per_slot + target_slots * 4 * 2 * cfg.hidden_size * cfg.real_vocab_size
 
