@@ -112,6 +112,13 @@ def train_section(r: dict) -> list[str]:
              "eps": side["torch_examples_per_s"], "tps": side["torch_tokens_per_s"]},
         ], [("what", f"one AdamW step, same {side['examples']} examples", ""), ("eps", "examples/s", ".2f"),
             ("tps", "tokens/s", ".0f")]), "", f"Speedup **{side['speedup']:.2f}x**.", ""]
+    a = side.get("attention")
+    if a:
+        out += [f"Attention of one layer, forward + backward, over the step's {a['rows']} packed rows of "
+                f"{a['seq_len']}: over whole rows {a['whole_rows_s'] * 1e3:.0f} ms; block-local "
+                f"(sidrec.model.attention.packed: {a['keys_per_query']:.0f} keys per query, enough for the "
+                f"longest example, {a['max_segment_len']} tokens) {a['packed_s'] * 1e3:.0f} ms, "
+                f"**{a['speedup']:.2f}x**.", ""]
     second = res.get("side_by_side_second")
     if second:
         out += [f"Second configuration ({r['settings']['second_model']}), {second['examples']} examples a step: "

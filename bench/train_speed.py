@@ -26,7 +26,7 @@ from presets.cpu import INDUSTRIAL_CPU
 from sidrec import parallel, train
 from sidrec.config import replace
 from sidrec.data import minionerec
-from sidrec.model import hf, qwen2
+from sidrec.model import attention, hf, qwen2
 
 TORCH_MICRO_BATCH = 4  # upstream sft.py's default micro_batch_size (its sft.sh uses 16 on GPUs)
 
@@ -143,6 +143,7 @@ def side_by_side(seq_len: int, examples: int, repeats: int, peak: float, **overr
     """(the comparison, our sweep row for this point)."""
     ours = OurStep.build(bench_config(seq_len, examples, **overrides))
     first_s = common.seconds(ours)
+    attention_times = attention_side_by_side(ours, repeats=5)
     torch_run, torch_stats = torch_step(ours)
     times = common.alternate({"ours": ours, "torch": torch_run}, repeats)
     ours_s, torch_s = common.median(times["ours"]), common.median(times["torch"])
@@ -151,8 +152,39 @@ def side_by_side(seq_len: int, examples: int, repeats: int, peak: float, **overr
         "torch_padded_positions": torch_stats["padded_positions"], "torch_micro_batches": torch_stats["micro_batches"],
         "ours_examples_per_s": examples / ours_s, "torch_examples_per_s": examples / torch_s,
         "ours_tokens_per_s": ours.stats["tokens"] / ours_s, "torch_tokens_per_s": ours.stats["tokens"] / torch_s,
-        "speedup": torch_s / ours_s}
+        "speedup": torch_s / ours_s, "attention": attention_times}
     return comparison, sweep_row(ours, first_s, ours_s, peak)
+
+
+def attention_side_by_side(ours: OurStep, repeats: int) -> dict:
+    """One layer's attention, forward + backward, over the rows of the step's first micro-batch (its real
+    packing): whole rows (`attention.whole_row`, what the step ran before block-local attention) against
+    `attention.packed` with the run's lookback."""
+    cfg, local = ours.trainer.model_cfg, next(iter(ours.trainer.loader))
+    segment_ids = jnp.asarray(local["segment_ids"][0])
+    b, t = segment_ids.shape
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (b, t, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim), cfg.dtype)
+    k, v = (jax.random.normal(key, (b, t, cfg.num_kv_heads, cfg.head_dim), cfg.dtype) for key in keys[1:3])
+    weights = jax.random.normal(keys[3], q.shape, cfg.dtype)
+    real = (segment_ids != 0)[:, :, None, None, None]
+    forms = {
+        "whole_rows": lambda q, k, v: attention.whole_row(q, k, v, visible=attention.visibility(segment_ids),
+                                                         dtype=cfg.dtype),
+        "packed": lambda q, k, v: attention.packed(q, k, v, segment_ids=segment_ids,
+                                                   max_segment_len=ours.trainer.max_segment_len, dtype=cfg.dtype)}
+
+    def timed(form):
+        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.where(real, form(q, k, v) * weights, 0.0)),
+                                argnums=(0, 1, 2)))
+        jax.block_until_ready(grad(q, k, v))
+        return lambda: jax.block_until_ready(grad(q, k, v))
+
+    times = common.alternate({name: timed(form) for name, form in forms.items()}, repeats)
+    whole, packed = common.median(times["whole_rows"]), common.median(times["packed"])
+    return {"rows": b, "seq_len": t, "max_segment_len": ours.trainer.max_segment_len,
+            "keys_per_query": attention.keys_per_query(t, ours.trainer.max_segment_len),
+            "whole_rows_s": whole, "packed_s": packed, "speedup": whole / packed}
 
 
 def sweep_row(ours: OurStep, first_s: float, step_s: float, peak: float) -> dict:
@@ -198,6 +230,10 @@ def report(side: dict | None, rows: list[dict], peak: dict, profiled: dict | Non
         ], [("what", f"one step of {side['examples']} examples", ""), ("eps", "examples/s", ".2f"),
             ("tps", "tokens/s", ".0f"), ("s", "median s", ".2f")]))
         lines.append(f"speedup {side['speedup']:.2f}x (goal >= 8x)")
+        a = side["attention"]
+        lines.append(f"one layer's attention fwd+bwd over its {a['rows']} rows of {a['seq_len']}: whole rows "
+                     f"{a['whole_rows_s'] * 1e3:.0f} ms, block-local ({a['keys_per_query']:.0f} keys/query, "
+                     f"examples <= {a['max_segment_len']}) {a['packed_s'] * 1e3:.0f} ms: {a['speedup']:.2f}x")
     lines.append(common.table(rows, [
         ("seq_len", "seq_len", "d"), ("examples", "examples", "d"), ("rows", "rows", "d"),
         ("targets_per_row", "target slots/row", "d"), ("tokens_per_s", "tokens/s", ".0f"),

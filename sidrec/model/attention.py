@@ -4,10 +4,10 @@ A packed row holds several examples back to back; a query sees the keys of its o
 it. Computed over whole rows that is a [t, t] score matrix per head, almost all of it masked: rows of
 1024 tokens hold examples of ~140 tokens. `packed` cuts the row into blocks of BLOCK queries, and each
 block attends only to its own and the `lookback` blocks before it, enough to reach back to the start of
-the longest possible segment (`max_segment_len`, known from the data). On a 2-core CPU the
-forward + backward of one layer's attention over 3 rows of 1024, examples <= 498 tokens (the Industrial
-mixture's longest), takes 0.11 s against 0.31 s whole-row (bench/attention_speed.py); with no bound it
-still computes only blocks at or below the diagonal.
+the longest possible segment (`max_segment_len`, known from the data). On a 2-core CPU the forward +
+backward of one layer's attention over 3 rows of 1024, examples <= 498 tokens (the Industrial mixture's
+longest), took 0.11 s against 0.31 s whole-row (a microbenchmark; `just bench` measures it on the train
+bench's own rows). With no bound it still computes only blocks at or below the diagonal.
 
 `splash` runs the same visibility through Pallas' TPU splash-attention kernel (flash attention with
 segment ids; the causal / local-window mask is static, so it also skips blocks past the lookback). It is
