@@ -172,16 +172,17 @@ def micro_batch_bucket(n: int) -> int:
 def targets_per_row(data: TokenizedExamples, seq_len: int) -> int:
     """N, fixed for a dataset: the loss targets a row may hold (packing stops adding examples there).
 
-    1.5 x the mixture's mean targets per full row, rounded up to a multiple of 64 (and at least the
+    1.5 x the mixture's mean targets per full row, rounded up to a multiple of 16 (and at least the
     largest example's count). The vocabulary logits, the costliest part of the step at LLM vocabularies,
-    are computed at N positions per row; with the cap, N is half of what the densest possible row
-    would need (Industrial, rows of 1024: 256 instead of 512) at no cost in token utilisation.
+    are computed at N positions per row; with the cap, N is well below what the densest possible row
+    would need (Industrial, rows of 1024: 208 instead of 512) at no cost in token utilisation (global
+    batch 1024: 95.7% of slots hold tokens at N = 208, 95.9% at 256; 1.25x, N = 176, drops it to 89%).
     Fixed so that N never multiplies the step shapes.
     """
     counts = target_counts(data)
     mean_per_row = seq_len * float(counts.sum()) / float(data.lengths.sum())
     n = max(math.ceil(1.5 * mean_per_row), int(counts.max()), MIN_TARGET_BUCKET)
-    return min(seq_len, round_up(n, 64))
+    return min(seq_len, round_up(n, 16))
 
 
 @dataclass(frozen=True)
