@@ -35,10 +35,23 @@ def reference(q, k, v, segment_ids):
     return attention.whole_row(q, k, v, visible=attention.visibility(segment_ids), dtype=q.dtype)
 
 
-def loss_and_grads(fn, q, k, v, segment_ids, weights):
-    real = (segment_ids != 0)[:, :, None, None, None]
-    return jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.where(real, fn(q, k, v) * weights, 0.0)),
-                              argnums=(0, 1, 2))(q, k, v)
+def assert_equals_reference(fn, q, k, v, segment_ids, tol):
+    """fn(q, k, v) equals `reference` at every real query: values, a weighted loss and its gradients."""
+    real = np.asarray(segment_ids != 0)
+    np.testing.assert_allclose(np.asarray(fn(q, k, v))[real], np.asarray(reference(q, k, v, segment_ids))[real],
+                               atol=tol, rtol=tol)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+    mask = real[:, :, None, None, None]
+
+    def loss_and_grads(f):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.where(mask, f(q, k, v) * weights, 0.0)),
+                                  argnums=(0, 1, 2))(q, k, v)
+
+    (loss, grads), (ref_loss, ref_grads) = loss_and_grads(fn), loss_and_grads(lambda q, k, v: reference(q, k, v,
+                                                                                                        segment_ids))
+    np.testing.assert_allclose(loss, ref_loss, rtol=tol)
+    for ours_grad, ref_grad in zip(grads, ref_grads):
+        np.testing.assert_allclose(ours_grad, ref_grad, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("seq_len, max_len, bound", [(256, 70, 70), (256, 70, None), (192, 130, 130),
@@ -49,19 +62,8 @@ def test_packed_equals_whole_row_attention(seq_len, max_len, bound):
     rng = np.random.default_rng(seq_len + max_len)
     segment_ids = jnp.asarray(packed_segments(rng, B, seq_len, max_len))
     q, k, v = qkv(rng, seq_len)
-    weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-    real = np.asarray(segment_ids != 0)
-    ours = attention.packed(q, k, v, segment_ids=segment_ids, max_segment_len=bound, dtype=jnp.float32)
-    np.testing.assert_allclose(np.asarray(ours)[real], np.asarray(reference(q, k, v, segment_ids))[real],
-                               atol=1e-5, rtol=1e-5)
-    fn = lambda q, k, v: attention.packed(q, k, v, segment_ids=segment_ids, max_segment_len=bound,  # noqa: E731
-                                          dtype=jnp.float32)
-    (loss, grads), (ref_loss, ref_grads) = (loss_and_grads(fn, q, k, v, segment_ids, weights),
-                                            loss_and_grads(lambda q, k, v: reference(q, k, v, segment_ids),
-                                                           q, k, v, segment_ids, weights))
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    for ours_grad, ref_grad in zip(grads, ref_grads):
-        np.testing.assert_allclose(ours_grad, ref_grad, atol=1e-5, rtol=1e-5)
+    assert_equals_reference(lambda q, k, v: attention.packed(q, k, v, segment_ids=segment_ids, max_segment_len=bound,
+                                                             dtype=jnp.float32), q, k, v, segment_ids, tol=1e-5)
 
 
 def test_a_bound_shorter_than_a_segment_changes_the_result():
@@ -86,18 +88,8 @@ def test_splash_kernel_in_interpret_mode_equals_whole_row_attention(bound):
     seq_len = 256
     segment_ids = jnp.asarray(packed_segments(rng, B, seq_len, 100))
     q, k, v = qkv(rng, seq_len)
-    weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-    real = np.asarray(segment_ids != 0)
-    fn = lambda q, k, v: attention.splash(q, k, v, segment_ids=segment_ids, max_segment_len=bound,  # noqa: E731
-                                          interpret=True)
-    np.testing.assert_allclose(np.asarray(fn(q, k, v))[real], np.asarray(reference(q, k, v, segment_ids))[real],
-                               atol=2e-5, rtol=2e-5)
-    (loss, grads), (ref_loss, ref_grads) = (loss_and_grads(fn, q, k, v, segment_ids, weights),
-                                            loss_and_grads(lambda q, k, v: reference(q, k, v, segment_ids),
-                                                           q, k, v, segment_ids, weights))
-    np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
-    for ours_grad, ref_grad in zip(grads, ref_grads):
-        np.testing.assert_allclose(ours_grad, ref_grad, atol=2e-5, rtol=2e-5)
+    assert_equals_reference(lambda q, k, v: attention.splash(q, k, v, segment_ids=segment_ids, max_segment_len=bound,
+                                                             interpret=True), q, k, v, segment_ids, tol=2e-5)
 
 
 def test_training_loss_and_gradient_do_not_depend_on_the_attention_form():
