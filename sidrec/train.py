@@ -13,7 +13,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +86,16 @@ def make_train_step(model_cfg, tx: optax.GradientTransformation, mesh, partition
         loss = loss_sum / n_targets
         grads = jax.tree.map(lambda g: g / n_targets, grad_sum)
         grad_norm = optax.tree_utils.tree_norm(grads)
-        updates, new_opt_state = tx.update(grads, state.opt_state, params)
-        new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-        new_state = TrainState(params=keep(new_params, params), opt_state=keep(new_opt_state, state.opt_state),
-                               step=state.step + finite.astype(jnp.int32))
+
+        def apply(state):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return TrainState(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                              step=state.step + 1)
+
+        # A non-finite step leaves the state as it was. A cond, not a select of new and old: selecting
+        # rewrites every parameter and moment array (6% of a CPU bench step with a 152k vocabulary).
+        new_state = jax.lax.cond(finite, apply, lambda state: state, state)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     return step

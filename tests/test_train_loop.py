@@ -57,3 +57,41 @@ def test_relative_run_dir(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "rel" / "run" / "checkpoints" / "2").is_dir()
+
+
+def test_a_non_finite_step_leaves_parameters_moments_and_count_as_they_were():
+    """The jitted step skips its update when the loss or gradient is not finite (lax.cond): the same
+    parameters, AdamW moments and step count come back, bit for bit; a finite step changes them."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from sidrec import parallel
+    from sidrec.config import MeshConfig
+    from sidrec.model import qwen2
+    from sidrec.train import compile_steps
+
+    cfg = qwen2.Qwen2Config(vocab_size=64, real_vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                            num_heads=2, num_kv_heads=1, head_dim=8)
+    mesh = parallel.make_mesh(MeshConfig(), jax.devices()[:1])
+    specs = parallel.param_partition_specs(qwen2.param_specs(cfg), 1)
+    steps = compile_steps(cfg, optax.adamw(1e-2), mesh, specs)
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, 64, (1, 1, 64)).astype(np.int32), "segment_ids": np.ones((1, 1, 64), np.int32),
+             "positions": np.arange(64, dtype=np.int32)[None, None], "loss_pos": np.arange(8, dtype=np.int32)[None, None],
+             "loss_tgt": rng.integers(0, 64, (1, 1, 8)).astype(np.int32), "loss_w": np.ones((1, 1, 8), np.float32),
+             "n_targets": np.float32(8)}
+    state = steps.init_state(jax.device_put(qwen2.init_params(cfg, jax.random.key(0)), parallel.shardings(mesh, specs)))
+    state, metrics = steps.train_step(state, parallel.global_batch(mesh, batch))  # finite: moments now non-zero
+    assert bool(metrics["finite"]) and int(state.step) == 1
+    before = jax.tree.map(np.asarray, state)
+    poisoned = {**batch, "n_targets": np.float32(0.0), "loss_w": np.full((1, 1, 8), np.nan, np.float32)}
+    state, metrics = steps.train_step(state, parallel.global_batch(mesh, poisoned))
+    assert not bool(metrics["finite"])
+    after = jax.tree.map(np.asarray, state)
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b, equal_nan=False), before, after))
+    state, metrics = steps.train_step(state, parallel.global_batch(mesh, batch))
+    assert bool(metrics["finite"]) and int(state.step) == 2
+    assert not np.array_equal(np.asarray(state.params["embed"]), after.params["embed"])
+    assert jnp.isfinite(state.params["embed"]).all()
