@@ -96,6 +96,12 @@ def test_sigkill_then_resume_is_bitwise_identical(sft_run, tmp_path):
     assert step_a == step_b == RL_STEPS
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+    # Rerunning the finished run trains nothing and keeps what it knows (best, start) but claims no timings.
+    done = cli("rl", *rl_args(sft_run, whole))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((whole / "run_summary.json").read_text())
+    assert summary["steps"] == RL_STEPS and summary["start_valid_ndcg@4"] is not None
+    assert summary["rollout_s_per_step"] is None and summary["rollout_prompts_per_s"] is None
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -237,7 +237,7 @@ def _rl(cfg: Config, run_dir: Path) -> dict:
             save_checkpoint(0, state, best, best["metric"])
 
     rollout_s = update_s = 0.0
-    stop_reason = "finished"
+    first_step, stop_reason = step, "finished"
     with PreemptionGuard(checkpoints) as guard:
         while step < total_steps:
             t0 = time.perf_counter()
@@ -276,11 +276,13 @@ def _rl(cfg: Config, run_dir: Path) -> dict:
                 logger.info(f"stop requested at step {step}: checkpoint saved, exiting cleanly")
                 break
     checkpoints.wait()
-    timed = max(step - 1, 1)
+    # Steps this invocation timed (its first, mostly compilation, is not; none when it resumed a finished run).
+    timed = len(range(max(first_step, 1), step))
     summary = {"stop_reason": stop_reason, "steps": step, "total_steps": total_steps, "best_step": best["step"],
                f"best_valid_ndcg@{r.group_size}": best["metric"],
-               f"start_valid_ndcg@{r.group_size}": best.get("start"), "rollout_s_per_step": rollout_s / timed,
-               "update_s_per_step": update_s / timed,
+               f"start_valid_ndcg@{r.group_size}": best.get("start"),
+               "rollout_s_per_step": rollout_s / timed if timed else None,
+               "update_s_per_step": update_s / timed if timed else None,
                "rollout_prompts_per_s": r.prompts_per_step * timed / rollout_s if rollout_s else None}
     logger.write_summary(summary)
     logger.close()
