@@ -54,11 +54,11 @@ def assert_equals_reference(fn, q, k, v, segment_ids, tol):
         np.testing.assert_allclose(ours_grad, ref_grad, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("seq_len, max_len, bound", [(256, 70, 70), (256, 70, None), (192, 130, 130),
+@pytest.mark.parametrize("seq_len, max_len, bound", [(256, 70, 70), (384, 130, 130), (256, 70, None),
                                                      (100, 40, 40)])
 def test_packed_equals_whole_row_attention(seq_len, max_len, bound):
-    """Lookback of ceil((70-1)/64) = 2 blocks, all blocks (no bound), a bound spanning 3 blocks, and rows
-    that are not a multiple of the block (whole-row fallback). fp32 sums in another order: 1e-5."""
+    """Lookback of ceil((70-1)/64) = 2 of 3 earlier blocks, 3 of 5, and the whole-row fallbacks: no bound,
+    rows not a multiple of the block. fp32 sums in another order: 1e-5."""
     rng = np.random.default_rng(seq_len + max_len)
     segment_ids = jnp.asarray(packed_segments(rng, B, seq_len, max_len))
     q, k, v = qkv(rng, seq_len)
