@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sidrec.errors import UserError
+from sidrec.model import attention
 from sidrec.model.qwen2 import Architecture
 
 DType = Literal["float32", "bfloat16"]
@@ -357,7 +358,7 @@ def _validation_errors(cfg: Config):
         yield "--data.tasks must name at least one task"
     if d.seq_len < d.cutoff_len:
         yield f"--data.seq-len ({d.seq_len}) must be >= --data.cutoff-len ({d.cutoff_len})"
-    if m.attention != "xla" and d.seq_len % 128:
+    if m.attention != "xla" and attention.splash_block(d.seq_len) is None:
         yield f"--model.attention {m.attention} needs --data.seq-len a multiple of 128 (got {d.seq_len})"
     if m.hf_path is None:
         if m.num_heads % m.num_kv_heads:

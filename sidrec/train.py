@@ -215,6 +215,9 @@ class Trainer:
 def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
     """Mesh, data, model config and the compiled steps (joins a multi-process run first)."""
     parallel.maybe_initialize_distributed(cfg.mesh)
+    if cfg.model.attention == "splash" and jax.default_backend() != "tpu":
+        raise UserError(f"--model.attention splash runs on TPU only (a Pallas Mosaic kernel); this backend is "
+                        f"{jax.default_backend()}: use --model.attention xla")
     mesh = parallel.make_mesh(cfg.mesh)
     fsdp, n_devices = mesh.shape[parallel.FSDP], mesh.devices.size
     # Fails early when the batch does not divide over the devices.
@@ -250,9 +253,6 @@ def setup(cfg: Config, say: Callable[[str], None] = print) -> Trainer:
         f"{layout.seq_len} tokens per device per micro-batch; {loader.steps_per_epoch} steps/epoch, "
         f"{total_steps} steps in all")
 
-    if model_cfg.attention == "splash" and jax.default_backend() != "tpu":
-        raise UserError(f"--model.attention splash runs on TPU only (a Pallas Mosaic kernel); this backend is "
-                        f"{jax.default_backend()}: use --model.attention xla")
     max_segment_len = int(max(train_data.lengths.max(), valid_data.lengths.max()))
     specs = qwen2.param_specs(model_cfg)
     partition_specs = parallel.param_partition_specs(specs, fsdp)

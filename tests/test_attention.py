@@ -12,12 +12,18 @@ B, K, G, E = 2, 2, 2, 16
 
 
 def packed_segments(rng, rows: int, seq_len: int, max_len: int) -> np.ndarray:
-    """Segment ids of rows packed with examples of 1..max_len tokens, some padding at each row's end."""
+    """Segment ids of rows packed with examples of 1..max_len tokens, some padding at each row's end.
+
+    Each row opens with examples filling BLOCK - 1 tokens and then a max_len one: that one starts on a
+    block's last token, so its last query needs the full lookback (one block less misses its first key)."""
+    whole, rest = divmod(attention.BLOCK - 1, max_len)
+    opening = [max_len] * whole + ([rest] if rest else []) + [max_len]
     ids = np.zeros((rows, seq_len), np.int32)
     for r in range(rows):
         start, segment = 0, 1
+        lengths = list(opening)
         while True:
-            length = int(rng.integers(1, max_len + 1))
+            length = lengths.pop(0) if lengths else int(rng.integers(1, max_len + 1))
             if start + length > seq_len - 7:
                 break
             ids[r, start:start + length] = segment
@@ -74,7 +80,7 @@ def test_a_bound_shorter_than_a_segment_changes_the_result():
     q, k, v = qkv(rng, 256)
     exact = attention.packed(q, k, v, segment_ids=segment_ids, max_segment_len=256, dtype=jnp.float32)
     cut = attention.packed(q, k, v, segment_ids=segment_ids, max_segment_len=64, dtype=jnp.float32)
-    assert attention.lookback_blocks(256, 64) == 1 and attention.lookback_blocks(256, 256) == 3
+    assert attention.lookback_blocks(256, 64) == 1 and attention.lookback_blocks(256, 256) is None  # whole rows
     np.testing.assert_allclose(exact[:, :128], cut[:, :128], atol=1e-6)  # within reach of both
     assert float(jnp.max(jnp.abs(exact[:, 128:] - cut[:, 128:]))) > 1e-3
 
@@ -93,12 +99,13 @@ def test_splash_kernel_in_interpret_mode_equals_whole_row_attention(bound):
 
 
 def test_training_loss_and_gradient_do_not_depend_on_the_attention_form():
-    """forward_hidden + cross-entropy of a tiny Qwen2 over packed rows of 128: every block (no bound),
-    the data's bound, and splash in interpret mode give one loss and one gradient."""
+    """forward_hidden + cross-entropy of a tiny Qwen2 over packed rows of 256: whole rows (no bound),
+    block-local (the data's bound: 1 block back), and splash in interpret mode give one loss and one
+    gradient."""
     from sidrec.train import cross_entropy_sum
 
     rng = np.random.default_rng(3)
-    seq_len, vocab_size = 128, 300
+    seq_len, vocab_size = 256, 300
     cfg = qwen2.Qwen2Config(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                             head_dim=8, vocab_size=vocab_size, real_vocab_size=vocab_size)
     params = qwen2.init_params(cfg, jax.random.key(0))
@@ -108,13 +115,15 @@ def test_training_loss_and_gradient_do_not_depend_on_the_attention_form():
         for s in range(1, segments[r].max() + 1):
             where = np.flatnonzero(segments[r] == s)
             positions[r, where] = np.arange(len(where))
-    real = np.flatnonzero(segments.reshape(-1))
+    # Targets over the rows' first two examples: the second one's last tokens need the full lookback.
+    targets = np.arange(attention.BLOCK - 4, attention.BLOCK + 44)
+    assert (segments[:, targets] != 0).all()
     micro_batch = {
         "tokens": jnp.asarray(rng.integers(0, vocab_size, segments.shape), jnp.int32),
         "segment_ids": jnp.asarray(segments), "positions": jnp.asarray(positions, jnp.int32),
-        "loss_pos": jnp.asarray(np.stack([real[real < seq_len][:16], real[real >= seq_len][:16] - seq_len])),
-        "loss_tgt": jnp.asarray(rng.integers(0, vocab_size, (B, 16)), jnp.int32),
-        "loss_w": jnp.ones((B, 16), jnp.float32),
+        "loss_pos": jnp.asarray(np.broadcast_to(targets, (B, len(targets))), jnp.int32),
+        "loss_tgt": jnp.asarray(rng.integers(0, vocab_size, (B, len(targets))), jnp.int32),
+        "loss_w": jnp.ones((B, len(targets)), jnp.float32),
     }
 
     def value_and_grad(model_cfg, bound):

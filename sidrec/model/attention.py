@@ -57,25 +57,25 @@ def whole_row(q, k, v, *, visible, dtype) -> jax.Array:
     return jnp.einsum("bkgts,bske->btkge", probs, v)
 
 
-def lookback_blocks(seq_len: int, max_segment_len: int | None, block: int = BLOCK) -> int:
-    """Blocks before its own that a query block must see to reach its segments' starts."""
-    all_before = seq_len // block - 1
-    if max_segment_len is None:
-        return all_before
-    return min(all_before, math.ceil((max_segment_len - 1) / block))
+def lookback_blocks(seq_len: int, max_segment_len: int | None) -> int | None:
+    """Blocks before its own that a query block of `packed` sees to reach its segments' starts; None when
+    `packed` runs whole rows instead: rows not a multiple of BLOCK, or a reach spanning every block (the
+    blocks would only add their windows' copies: measured 7% slower on office-cpu's rows of 512)."""
+    all_before = seq_len // BLOCK - 1
+    if seq_len % BLOCK or max_segment_len is None or math.ceil((max_segment_len - 1) / BLOCK) >= all_before:
+        return None
+    return math.ceil((max_segment_len - 1) / BLOCK)
 
 
 def keys_per_query(seq_len: int, max_segment_len: int | None, implementation: str = "xla") -> float:
     """Keys one query's scores are computed against (for executed-FLOP counts), on average.
 
-    xla (`packed`): the lookback window, BLOCK-padded at the row's start (whole rows when seq_len is not
-    a multiple of BLOCK or the window spans the row). splash: the kernel's blocks at or below the diagonal
-    within the lookback.
+    xla (`packed`): the lookback window, BLOCK-padded at the row's start, or the whole row. splash: the
+    kernel's blocks at or below the diagonal within the lookback.
     """
     if implementation == "xla":
-        if seq_len % BLOCK:
-            return float(seq_len)
-        return float((lookback_blocks(seq_len, max_segment_len) + 1) * BLOCK)
+        lookback = lookback_blocks(seq_len, max_segment_len)
+        return float(seq_len if lookback is None else (lookback + 1) * BLOCK)
     block = splash_block(seq_len) or BLOCK
     reach = seq_len if max_segment_len is None else max_segment_len - 1
     first = np.maximum(0, (np.arange(seq_len // block) * block - reach) // block)
@@ -101,12 +101,11 @@ def packed(q, k, v, *, segment_ids, max_segment_len: int | None, dtype) -> jax.A
 
     q [b,t,k,g,e], k/v [b,t,k,e], segment_ids [b,t] -> [b,t,k,g,e]. Equal to whole_row at every real
     (non-zero segment) query; padding queries see nothing in either and their outputs are never read.
-    Rows that are not a multiple of BLOCK, or whose lookback spans every block (no work saved: the blocks
-    only add their windows' copies, measured 7% slower on office-cpu's rows of 512), run whole_row.
+    Where `lookback_blocks` says None it runs whole_row.
     """
     b, t = segment_ids.shape
-    lookback = lookback_blocks(t, max_segment_len) if t % BLOCK == 0 else None
-    if lookback is None or lookback == t // BLOCK - 1:
+    lookback = lookback_blocks(t, max_segment_len)
+    if lookback is None:
         return whole_row(q, k, v, visible=visibility(segment_ids), dtype=dtype)
     index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     query_segment, key_segment = _blocks(segment_ids), _windows(segment_ids, lookback, -1)

@@ -277,7 +277,7 @@ def _rl(cfg: Config, run_dir: Path) -> dict:
                 break
     checkpoints.wait()
     # Steps this invocation timed (its first, mostly compilation, is not; none when it resumed a finished run).
-    timed = len(range(max(first_step, 1), step))
+    timed = max(0, step - max(first_step, 1))
     summary = {"stop_reason": stop_reason, "steps": step, "total_steps": total_steps, "best_step": best["step"],
                f"best_valid_ndcg@{r.group_size}": best["metric"],
                f"start_valid_ndcg@{r.group_size}": best.get("start"),
