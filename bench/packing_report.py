@@ -27,9 +27,10 @@ def report(root: str = "../shared/data", category: str = "Industrial_and_Scienti
           f"(mean {data.lengths.mean():.1f}, max {data.lengths.max()}); loaded in "
           f"{time.perf_counter() - started:.1f}s")
     print(f"global batch {global_batch_size}; over {epochs} epochs: util = real tokens / slots, "
-          "A = micro-batches per step (the only varying dim), N = loss targets per row")
-    print(f"{'seq_len':>7} {'devices':>7} {'rows/dev':>8} {'N':>4} {'steps/ep':>8} {'util':>6}  "
-          f"{'A seen':<16} A bound (= compile bound)")
+          "A = micro-batches per step, N = loss targets a row may hold, M = loss slots per device micro-batch, "
+          "target util = targets / slots; each (A, M) seen is one compilation")
+    print(f"{'seq_len':>7} {'devices':>7} {'rows/dev':>8} {'N':>4} {'steps/ep':>8} {'util':>6} {'target util':>11}  "
+          f"{'A seen':<16} {'M seen':<28} A bound")
     for seq_len in seq_lens:
         for device_count in devices:
             for rows in rows_per_device:
@@ -37,10 +38,13 @@ def report(root: str = "../shared/data", category: str = "Industrial_and_Scienti
                 loader = batching.Loader(data, global_batch_size=global_batch_size, layout=layout, seed=42)
                 plans = [p for e in range(epochs) for p in loader.epoch_plans(e)]
                 seen = sorted({p.num_micro_batches for p in plans})
+                slots_seen = sorted({p.target_slots for p in plans})
+                target_util = sum(p.n_targets for p in plans) / sum(
+                    p.num_micro_batches * device_count * p.target_slots for p in plans)
                 bound = loader.micro_batch_bound()
                 print(f"{seq_len:>7} {device_count:>7} {rows:>8} {loader.targets_per_row:>4} "
-                      f"{loader.steps_per_epoch:>8} {batching.utilisation(plans, layout):>6.1%}  "
-                      f"{seen!s:<16} {len(bound)} values in {bound[0]}..{bound[-1]}")
+                      f"{loader.steps_per_epoch:>8} {batching.utilisation(plans, layout):>6.1%} {target_util:>11.1%}  "
+                      f"{seen!s:<16} {slots_seen!s:<28} {len(bound)} values in {bound[0]}..{bound[-1]}")
 
 
 if __name__ == "__main__":

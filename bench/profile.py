@@ -53,7 +53,7 @@ def ops_by_source(profile_result: dict) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
-def profile(run: Callable[[], object], hlo_text: str, repeats: int = 1) -> dict:
+def profile(run: Callable[[], object], hlo_text: str, repeats: int = 1, top: int = 8) -> dict:
     """Run `run` (blocking) `repeats` times under the profiler; milliseconds per run by scope/pass,
     the share spent in matmuls, and the busiest ops."""
     names = op_names(hlo_text)
@@ -81,5 +81,5 @@ def profile(run: Callable[[], object], hlo_text: str, repeats: int = 1) -> dict:
         "op_ms": total,
         "matmul_share": matmul_ms / total if total else 0.0,
         "parts_ms": dict(by_part.most_common()),
-        "top_ops": [{"op": op, "ms": ms, "source": names.get(op, "")} for op, ms in by_op.most_common(8)],
+        "top_ops": [{"op": op, "ms": ms, "source": names.get(op, "")} for op, ms in by_op.most_common(top)],
     }

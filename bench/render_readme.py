@@ -131,7 +131,7 @@ def train_section(r: dict) -> list[str]:
             "the chunked loss recomputes its logits in the backward).", "",
             common.table(rows, [
                 ("seq_len", "row length", "d"), ("examples", "examples/step", "d"), ("rows", "rows", "d"),
-                ("targets_per_row", "target slots/row", "d"), ("tokens_per_s", "tokens/s", ".0f"),
+                ("targets", "targets", ".0f"), ("target_slots", "target slots", "d"), ("tokens_per_s", "tokens/s", ".0f"),
                 ("step_s", "step s", ".2f"), ("first_step_s", "first step s (compile)", ".1f"),
                 ("nominal_fraction_of_matmul_peak", "nominal / peak", ".0%"),
                 ("executed_fraction_of_matmul_peak", "executed / peak", ".0%")]), ""]

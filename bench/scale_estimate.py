@@ -60,8 +60,7 @@ def step_statistics(seq_len: int) -> dict:
         "rows": float(np.mean([len(p.rows) for p in plans])),
         "micro_batches": float(np.mean([p.num_micro_batches for p in plans])),
         "token_slots": float(np.mean([p.num_micro_batches * slots_per_micro_batch for p in plans])),
-        "target_slots": float(np.mean([p.num_micro_batches * layout.rows_per_micro_batch * loader.targets_per_row
-                                       for p in plans])),
+        "target_slots": float(np.mean([p.num_micro_batches * DEVICES * p.target_slots for p in plans])),
         "vocab_size": tokenizer.tokenizer.get_vocab_size(),
         "max_segment_len": int(data.lengths.max()),
     }

@@ -62,7 +62,7 @@ class OurStep:
         trainer = train.setup(cfg, say=lambda _: None)
         local = next(iter(trainer.loader))
         A, R, T = local["tokens"].shape
-        stats = {"seq_len": T, "micro_batches": A, "rows": A * R, "targets_per_row": local["loss_pos"].shape[-1],
+        stats = {"seq_len": T, "micro_batches": A, "rows": A * R, "target_slots": local["loss_pos"].size,
                  "examples": cfg.train.global_batch_size, "tokens": float(local["n_tokens"]),
                  "targets": float(local["n_targets"]), "slot_utilisation": float(local["n_tokens"]) / (A * R * T),
                  "max_segment_len": trainer.max_segment_len}
@@ -79,7 +79,7 @@ class OurStep:
 def executed_flops(model_cfg: qwen2.Qwen2Config, stats: dict) -> float:
     """`qwen2.executed_train_flops` of the step's slots."""
     return qwen2.executed_train_flops(model_cfg, stats["rows"] * stats["seq_len"],
-                                      stats["rows"] * stats["targets_per_row"], stats["seq_len"],
+                                      stats["target_slots"], stats["seq_len"],
                                       stats["max_segment_len"])
 
 
@@ -236,7 +236,7 @@ def report(side: dict | None, rows: list[dict], peak: dict, profiled: dict | Non
                      f"examples <= {a['max_segment_len']}) {a['packed_s'] * 1e3:.0f} ms: {a['speedup']:.2f}x")
     lines.append(common.table(rows, [
         ("seq_len", "seq_len", "d"), ("examples", "examples", "d"), ("rows", "rows", "d"),
-        ("targets_per_row", "target slots/row", "d"), ("tokens_per_s", "tokens/s", ".0f"),
+        ("targets", "targets", ".0f"), ("target_slots", "target slots", "d"), ("tokens_per_s", "tokens/s", ".0f"),
         ("step_s", "step s", ".2f"), ("first_step_s", "first step s", ".1f"),
         ("nominal_fraction_of_matmul_peak", "nominal/peak", ".0%"),
         ("executed_fraction_of_matmul_peak", "executed/peak", ".0%")]))

@@ -43,8 +43,9 @@ class NonFiniteLossError(UserError):
 
 
 def cross_entropy_sum(params, model_cfg: qwen2.Qwen2Config, micro_batch, *, unshard=None, max_segment_len=None):
-    """Summed token cross-entropy (fp32) at the label positions of one (local) micro-batch; no packed
-    example is longer than max_segment_len (None: unknown)."""
+    """Summed token cross-entropy (fp32) at the loss slots of one (local) micro-batch: rows [r, T] and
+    slots [1, M] into those rows flattened (sidrec.data.batching); no packed example is longer than
+    max_segment_len (None: unknown)."""
     hidden = qwen2.forward_hidden(params, model_cfg, micro_batch["tokens"], micro_batch["segment_ids"],
                                   micro_batch["positions"], unshard=unshard, max_segment_len=max_segment_len)
     cross_entropy = qwen2.cross_entropy_at(params, model_cfg, hidden, micro_batch["loss_pos"], micro_batch["loss_tgt"],
@@ -323,9 +324,9 @@ def _train(cfg: Config, run_dir: Path) -> dict:
                        start_step=step)
     logger.info(f"resumed from step {step} (epoch {trainer.loader.epoch})" if resumed else "starting from step 0")
     logger.info(trainer.optimizer_info.describe())
-    shapes = trainer.loader.upcoming_micro_batches(trainer.total_steps - step)
-    logger.info(f"step shapes: micro-batches per step in {shapes}: {len(shapes)} compilation(s) of the train "
-                f"step for the {trainer.total_steps - step} remaining steps")
+    shapes = trainer.loader.upcoming_shapes(trainer.total_steps - step)
+    logger.info(f"step shapes (micro-batches, loss slots per device): {shapes}: {len(shapes)} compilation(s) of "
+                f"the train step for the {trainer.total_steps - step} remaining steps")
     meter = _Meter(trainer, logger)
     started = time.perf_counter()
     stop_reason = "finished"

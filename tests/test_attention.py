@@ -121,7 +121,7 @@ def test_training_loss_and_gradient_do_not_depend_on_the_attention_form():
     micro_batch = {
         "tokens": jnp.asarray(rng.integers(0, vocab_size, segments.shape), jnp.int32),
         "segment_ids": jnp.asarray(segments), "positions": jnp.asarray(positions, jnp.int32),
-        "loss_pos": jnp.asarray(np.broadcast_to(targets, (B, len(targets))), jnp.int32),
+        "loss_pos": jnp.asarray(np.arange(B)[:, None] * seq_len + targets, jnp.int32),  # into the flattened rows
         "loss_tgt": jnp.asarray(rng.integers(0, vocab_size, (B, len(targets))), jnp.int32),
         "loss_w": jnp.ones((B, len(targets)), jnp.float32),
     }

@@ -68,29 +68,75 @@ def test_batch_rows_match_hf_shifted_labels():
     loader = Loader(data, global_batch_size=40, layout=layout, seed=5)
     batch = next(iter(loader))
     A, R, T = batch["tokens"].shape
-    N = loader.targets_per_row
-    assert (R, T) == (6, 128) and batch["loss_pos"].shape == (A, R, N)
+    M = loader.plan(0, 0).target_slots
+    assert (R, T) == (6, 128) and batch["loss_pos"].shape == (A, 2, M)
     assert {k: v.dtype for k, v in batch.items()} == {
         "tokens": np.int32, "segment_ids": np.int32, "positions": np.int32, "loss_pos": np.int32,
         "loss_tgt": np.int32, "loss_w": np.float32, "n_targets": np.float32, "n_tokens": np.float32}
     seen = 0
     for a in range(A):
-        for r in range(R):
-            ids = examples_in({k: batch[k][a, r] for k in ("tokens", "positions", "segment_ids")})
-            width = sum(data.lengths[ids])
-            assert batch["tokens"][a, r, :width].tolist() == np.concatenate(
-                [data.example(i)[0] for i in ids] or [[]]).tolist()
-            assert (batch["segment_ids"][a, r, width:] == 0).all() and (batch["tokens"][a, r, width:] == 0).all()
-            assert batch["positions"][a, r, :width].tolist() == [p for i in ids for p in range(data.lengths[i])]
-            positions, targets = reference_targets(data, ids) if ids else ([], [])
-            n = len(positions)
-            assert batch["loss_pos"][a, r, :n].tolist() == positions
-            assert batch["loss_tgt"][a, r, :n].tolist() == targets
-            assert batch["loss_w"][a, r].tolist() == [1.0] * n + [0.0] * (N - n)
-            seen += len(ids)
+        for device in range(2):
+            want_positions, want_targets = [], []
+            for i in range(3):  # the device's rows, flattened: row i starts at i * T
+                r = device * 3 + i
+                ids = examples_in({k: batch[k][a, r] for k in ("tokens", "positions", "segment_ids")})
+                width = sum(data.lengths[ids])
+                assert batch["tokens"][a, r, :width].tolist() == np.concatenate(
+                    [data.example(i)[0] for i in ids] or [[]]).tolist()
+                assert (batch["segment_ids"][a, r, width:] == 0).all() and (batch["tokens"][a, r, width:] == 0).all()
+                assert batch["positions"][a, r, :width].tolist() == [p for i in ids for p in range(data.lengths[i])]
+                positions, targets = reference_targets(data, ids) if ids else ([], [])
+                want_positions += [i * T + p for p in positions]
+                want_targets += targets
+                seen += len(ids)
+            n = len(want_positions)
+            assert n <= M
+            assert batch["loss_pos"][a, device, :n].tolist() == want_positions
+            assert batch["loss_tgt"][a, device, :n].tolist() == want_targets
+            assert batch["loss_w"][a, device].tolist() == [1.0] * n + [0.0] * (M - n)
     assert seen == 40
     assert batch["n_targets"] == batch["loss_w"].sum() == batching.target_counts(data)[
         loader.epoch_order(0)[:40]].sum()
+
+
+def test_target_slots_bucket():
+    buckets = [batching.target_slots_bucket(n) for n in range(1, 5000)]
+    assert all(b % 16 == 0 and b >= max(n, 16) for n, b in enumerate(buckets, 1))
+    assert all(b - n <= max(n / 4, 15) for n, b in enumerate(buckets, 1))  # <= 25% (or < 16) padding
+    assert sorted(set(buckets))[:8] == [16, 32, 48, 64, 80, 96, 112, 128]
+    assert sorted(set(b for b in buckets if 1024 < b <= 2048)) == [1280, 1536, 1792, 2048]  # 4 per octave
+
+
+def test_deal_rows_places_every_row_once_and_balances_the_groups():
+    rows = [np.array([i]) for i in range(7)]
+    laid_out, most = batching.deal_rows(rows, [9, 1, 8, 2, 7, 3, 0], groups=3, rows_per_group=3)
+    assert len(laid_out) == 9
+    groups = [[int(r[0]) for r in laid_out[g * 3:(g + 1) * 3] if len(r)] for g in range(3)]
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    assert groups == [[0, 1, 6], [2, 3], [4, 5]]  # totals 10, 10, 10: most targets first, fewest so far
+    assert most == 10
+    # Full groups take no more rows: 4 rows of 5 targets and 2 groups of 2 rows.
+    laid_out, most = batching.deal_rows([np.array([i]) for i in range(4)], [5, 5, 5, 5], groups=2, rows_per_group=2)
+    assert most == 10 and all(len(r) for r in laid_out)
+
+
+def test_device_loss_slots_are_mostly_used():
+    # Per-row slots (N per row) held half of them empty on the five-task mixtures; per-device slots
+    # after dealing hold most, on a mixture of target-sparse long and target-dense short examples.
+    rng = np.random.default_rng(0)
+    lengths = np.where(rng.random(3000) < 0.5, rng.integers(100, 200, 3000), rng.integers(10, 40, 3000))
+    targets = np.where(lengths >= 100, 4, lengths // 2)
+    layout = Layout(seq_len=512, rows_per_device=4, local_device_count=2)
+    used = slots = 0
+    for step in range(20):
+        ids = np.arange(step * 128, (step + 1) * 128)
+        plan = batching.plan_step(ids, lengths, targets, layout, max_targets=96)
+        groups = plan.num_micro_batches * 2
+        used += plan.n_targets
+        slots += groups * plan.target_slots
+        per_group = [sum(int(targets[row].sum()) for row in plan.rows[g * 4:(g + 1) * 4]) for g in range(groups)]
+        assert max(per_group) <= plan.target_slots
+    assert used / slots > 0.7
 
 
 def test_targets_per_row_bounds_every_row():
@@ -169,7 +215,8 @@ def test_shapes_stay_within_bound_and_utilisation_is_high():
     bound = loader.micro_batch_bound()
     seen = {p.num_micro_batches for p in plans}
     assert seen <= set(bound) and len(seen) <= 4
-    assert loader.upcoming_micro_batches(3 * loader.steps_per_epoch) == sorted(seen)
+    assert loader.upcoming_shapes(3 * loader.steps_per_epoch) == sorted(
+        {(p.num_micro_batches, p.target_slots) for p in plans})
     assert batching.utilisation(plans, layout) > 0.85
 
 

@@ -3,21 +3,26 @@
 Batch format (what the train step consumes; numpy, one process's shard):
     tokens, segment_ids, positions: int32 [A, R, T]  (segment 0 = padding; positions restart at 0 in
         each packed example; examples are packed whole, never split)
-    loss_pos, loss_tgt: int32 [A, R, N]  row index whose logits predict the target, and the target id
-        (a label at example index t >= 1 gives loss_pos t - 1, HF's logits[:-1] vs labels[1:] shift)
-    loss_w: float32 [A, R, N]  1 for a real target, 0 for padding
+    loss_pos, loss_tgt: int32 [A, L, M]  per local device: the index, into that device's rows flattened
+        ([rows_per_device x T]), whose logits predict the target, and the target id (a label at
+        example index t >= 1 is predicted at t - 1, HF's logits[:-1] vs labels[1:] shift)
+    loss_w: float32 [A, L, M]  1 for a real target, 0 for padding
     n_targets, n_tokens: float32 scalars, GLOBAL counts of the whole optimizer step (all processes),
         so the step divides its summed cross-entropy by n_targets: the token mean over the global batch
         (upstream's loss).
 
-Shapes. T = seq_len; R = local_device_count x rows_per_device rows per micro-batch (fixed, so memory is
-fixed); N = `targets_per_row(data, T)`, fixed per dataset. One optimizer step takes `global_batch_size`
-examples (the last step of an epoch takes the rest, as upstream's HF Trainer with drop_last=False),
-packs them first-fit-decreasing into as few rows as possible, and carries them in
-A = micro_batch_bucket(ceil(rows / (process_count x R))) micro-batches. So only A varies from step to
-step, over a few values (4 significant bits: <= 12.5% padding): a FIXED A would instead round every
-micro-batch up to whole rows per device, which at upstream's batch sizes wastes up to a third of the
-slots. `micro_batch_bound` bounds the distinct A (= train-step compilations) from the lengths alone.
+Shapes. T = seq_len; R = L x rows_per_device rows per micro-batch, L = local devices (fixed, so memory
+is fixed). One optimizer step takes `global_batch_size` examples (the last step of an epoch takes the
+rest, as upstream's HF Trainer with drop_last=False), packs them first-fit-decreasing into as few rows
+as possible (each row holding at most `targets_per_row(data, T)` loss targets), and carries them in
+A = micro_batch_bucket(ceil(rows / (process_count x R))) micro-batches. The rows are then dealt to the
+step's device micro-batches so that each gets about the same number of targets, and M =
+target_slots_bucket(the largest number): the vocabulary head, the costliest part of a step at LLM
+vocabularies, runs at M positions per device. So A and M vary from step to step over a few values
+each (A to 4 significant bits: <= 12.5% padding, M to 3); each (A, M) is one compilation of the step.
+A FIXED A would instead round every micro-batch up to whole rows per device, which at upstream's
+batch sizes wastes up to a third of the slots; fixed target slots per row left half of them empty on
+the CPU presets. `micro_batch_bound` bounds the distinct A from the lengths alone.
 
 Every process computes the whole step plan (cheap: lengths only) so all agree on shapes, then builds
 only its own rows: micro-batch a, process p holds global rows [a, p*R:(p+1)*R].
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -169,15 +175,23 @@ def micro_batch_bucket(n: int) -> int:
     return -(-int(n) >> shift) << shift
 
 
+def target_slots_bucket(n: int) -> int:
+    """M for a device micro-batch of `n` targets: n rounded up to 3 significant bits and to a multiple
+    of 16 (at least 16). At most 25% padding, and few distinct values: each is a compilation of the
+    step (4 bits measured 14-15 (A, M) pairs an epoch on the CPU presets against 9-10, for 3-6% fewer
+    slots)."""
+    shift = max(0, int(n).bit_length() - 3)
+    return max(MIN_TARGET_BUCKET, round_up(-(-int(n) >> shift) << shift, 16))
+
+
 def targets_per_row(data: TokenizedExamples, seq_len: int) -> int:
     """N, fixed for a dataset: the loss targets a row may hold (packing stops adding examples there).
 
     1.5 x the mixture's mean targets per full row, rounded up to a multiple of 16 (and at least the
-    largest example's count). The vocabulary logits, the costliest part of the step at LLM vocabularies,
-    are computed at N positions per row; with the cap, N is well below what the densest possible row
-    would need (Industrial, rows of 1024: 208 instead of 512) at no cost in token utilisation (global
-    batch 1024: 95.7% of slots hold tokens at N = 208, 95.9% at 256; 1.25x, N = 176, drops it to 89%).
-    Fixed so that N never multiplies the step shapes.
+    largest example's count): well below what the densest possible row could hold (Industrial, rows of
+    1024: 208 instead of 512) at no cost in token utilisation (global batch 1024: 95.7% of slots hold
+    tokens at N = 208, 95.9% at 256; 1.25x, N = 176, drops it to 89%). Rows of even target counts let
+    `deal_rows` give every device about the same number, so few loss slots go unused.
     """
     counts = target_counts(data)
     mean_per_row = seq_len * float(counts.sum()) / float(data.lengths.sum())
@@ -212,10 +226,12 @@ class Layout:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """One optimizer step: `rows[k]` lists the examples of global row k (k = (a * P + p) * R + r)."""
+    """One optimizer step: `rows[k]` lists the examples of global row k (k = (a * P + p) * R + r; empty
+    for padding rows), so device micro-batch g holds rows [g * rows_per_device, (g + 1) * rows_per_device)."""
 
     rows: list[np.ndarray]
     num_micro_batches: int  # A
+    target_slots: int  # M
     n_tokens: int
     n_targets: int
 
@@ -223,32 +239,68 @@ class StepPlan:
 def plan_step(example_ids: np.ndarray, lengths: np.ndarray, targets: np.ndarray, layout: Layout,
               max_targets: int) -> StepPlan:
     """Pack the step's examples (ids into `lengths`/`targets`) into rows of at most `max_targets`
-    targets and pick A."""
-    packed = pack_first_fit_decreasing(lengths[example_ids], layout.seq_len, targets[example_ids], max_targets)
-    return StepPlan(rows=[example_ids[row] for row in packed],
-                    num_micro_batches=micro_batch_bucket(math.ceil(len(packed) / layout.rows_per_micro_batch)),
-                    n_tokens=int(lengths[example_ids].sum()),
-                    n_targets=int(targets[example_ids].sum()))
+    targets, pick A, and deal the rows to the device micro-batches."""
+    packed = [example_ids[row] for row in
+              pack_first_fit_decreasing(lengths[example_ids], layout.seq_len, targets[example_ids], max_targets)]
+    A = micro_batch_bucket(math.ceil(len(packed) / layout.rows_per_micro_batch))
+    rows, most_targets = deal_rows(packed, [int(targets[row].sum()) for row in packed],
+                                   A * layout.rows_per_micro_batch // layout.rows_per_device, layout.rows_per_device)
+    return StepPlan(rows=rows, num_micro_batches=A, target_slots=target_slots_bucket(most_targets),
+                    n_tokens=int(lengths[example_ids].sum()), n_targets=int(targets[example_ids].sum()))
 
 
-def build_batch(data: TokenizedExamples, plan: StepPlan, layout: Layout, n_per_row: int) -> dict[str, np.ndarray]:
-    """This process's shard of the step's batch, [A, R, ...] with N = `n_per_row` (module docstring)."""
-    A, R, T, N = plan.num_micro_batches, layout.rows_per_process, layout.seq_len, n_per_row
+def deal_rows(rows: list[np.ndarray], row_targets: list[int], groups: int,
+              rows_per_group: int) -> tuple[list[np.ndarray], int]:
+    """(rows laid out as `groups` consecutive groups of `rows_per_group`, empty rows filling the rest;
+    the largest group's targets). Most targets first, each row goes to the group with the fewest
+    targets so far that has room (ties: the lower group), so every device needs about the same loss
+    slots. Rows are independent, so where they go never changes the step's loss or gradient."""
+    heap = [(0, g) for g in range(groups)]  # (targets, group) of the groups with room
+    members: list[list[int]] = [[] for _ in range(groups)]
+    most = 0
+    for i in sorted(range(len(rows)), key=lambda i: -row_targets[i]):  # stable: ties keep packing order
+        total, g = heapq.heappop(heap)
+        members[g].append(i)
+        most = max(most, total + row_targets[i])
+        if len(members[g]) < rows_per_group:
+            heapq.heappush(heap, (total + row_targets[i], g))
+    empty = np.empty(0, np.int64)
+    laid_out = [rows[i] if i is not None else empty
+                for group in members for i in group + [None] * (rows_per_group - len(group))]
+    return laid_out, most
+
+
+def build_batch(data: TokenizedExamples, plan: StepPlan, layout: Layout,
+                target_slots: int | None = None) -> dict[str, np.ndarray]:
+    """This process's shard of the step's batch, [A, R, ...] and [A, L, M] with M = `target_slots`
+    (default: the plan's; validation passes one M for all its batches)."""
+    A, R, T, L, rpd = (plan.num_micro_batches, layout.rows_per_process, layout.seq_len,
+                       layout.local_device_count, layout.rows_per_device)
+    M = target_slots or plan.target_slots
+    if M < plan.target_slots:
+        raise ValueError(f"{M} target slots cannot hold the plan's {plan.target_slots}")
     batch = {name: np.zeros((A, R, T), np.int32) for name in ("tokens", "segment_ids", "positions")}
-    batch |= {"loss_pos": np.zeros((A, R, N), np.int32), "loss_tgt": np.zeros((A, R, N), np.int32),
-              "loss_w": np.zeros((A, R, N), np.float32)}
+    loss = {"loss_pos": np.zeros((A, L, M), np.int32), "loss_tgt": np.zeros((A, L, M), np.int32),
+            "loss_w": np.zeros((A, L, M), np.float32)}
     for a in range(A):
-        for r in range(R):
-            k = (a * layout.process_count + layout.process_index) * R + r
-            if k < len(plan.rows):
-                _fill_row(data, plan.rows[k], {name: array[a, r] for name, array in batch.items()})
+        first_row = (a * layout.process_count + layout.process_index) * R
+        for device in range(L):
+            filled = 0
+            for i in range(rpd):
+                r = device * rpd + i
+                filled = _fill_row(data, plan.rows[first_row + r], {name: array[a, r] for name, array in batch.items()},
+                                   {name: array[a, device] for name, array in loss.items()}, i * T, filled)
+    batch |= loss
     batch["n_targets"] = np.float32(plan.n_targets)
     batch["n_tokens"] = np.float32(plan.n_tokens)
     return batch
 
 
-def _fill_row(data: TokenizedExamples, example_ids: np.ndarray, row: dict[str, np.ndarray]) -> None:
-    start = n_filled = 0
+def _fill_row(data: TokenizedExamples, example_ids: np.ndarray, row: dict[str, np.ndarray],
+              loss: dict[str, np.ndarray], offset: int, filled: int) -> int:
+    """Write one row's examples; its targets go to the device's loss slots from `filled` on, their
+    positions offset by the row's start in the device's flattened rows. Returns the slots filled."""
+    start = 0
     for segment, i in enumerate(example_ids, 1):
         tokens, labels = data.example(i)
         end = start + len(tokens)
@@ -257,10 +309,11 @@ def _fill_row(data: TokenizedExamples, example_ids: np.ndarray, row: dict[str, n
         row["positions"][start:end] = np.arange(len(tokens))
         predicted = np.flatnonzero(labels[1:] != IGNORE_INDEX)  # label t + 1 is predicted at t
         n = len(predicted)
-        row["loss_pos"][n_filled:n_filled + n] = start + predicted
-        row["loss_tgt"][n_filled:n_filled + n] = labels[predicted + 1]
-        row["loss_w"][n_filled:n_filled + n] = 1.0
-        start, n_filled = end, n_filled + n
+        loss["loss_pos"][filled:filled + n] = offset + start + predicted
+        loss["loss_tgt"][filled:filled + n] = labels[predicted + 1]
+        loss["loss_w"][filled:filled + n] = 1.0
+        start, filled = end, filled + n
+    return filled
 
 
 def micro_batch_bound(lengths: np.ndarray, batch_size: int, layout: Layout) -> list[int]:
@@ -331,18 +384,19 @@ class Loader:
         """Every A any epoch can produce (from the lengths alone): a bound on the step's compilations."""
         return micro_batch_bound(self.lengths, self.global_batch_size, self.layout)
 
-    def upcoming_micro_batches(self, num_steps: int) -> list[int]:
-        """The distinct A of the next `num_steps` steps, exactly: the compilations the rest of a run needs."""
-        counts, epoch, step = set(), self.epoch, self.step_in_epoch
+    def upcoming_shapes(self, num_steps: int) -> list[tuple[int, int]]:
+        """The distinct (A, M) of the next `num_steps` steps, exactly: the compilations the rest of a run needs."""
+        shapes, epoch, step = set(), self.epoch, self.step_in_epoch
         for _ in range(num_steps):
-            counts.add(self.plan(epoch, step).num_micro_batches)
+            plan = self.plan(epoch, step)
+            shapes.add((plan.num_micro_batches, plan.target_slots))
             epoch, step = (epoch + 1, 0) if step + 1 == self.steps_per_epoch else (epoch, step + 1)
-        return sorted(counts)
+        return sorted(shapes)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         while True:
             plan = self.plan(self.epoch, self.step_in_epoch)
-            batch = build_batch(self.data, plan, self.layout, self.targets_per_row)
+            batch = build_batch(self.data, plan, self.layout)
             self.step_in_epoch += 1
             if self.step_in_epoch == self.steps_per_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -356,10 +410,12 @@ def valid_batches(data: TokenizedExamples, *, batch_size: int, layout: Layout) -
     token-mean validation loss (upstream's HF Trainer averages per-batch means instead; on sid_sft,
     where every row has the same number of targets, the two agree).
     """
-    lengths, targets, n_per_row = data.lengths, target_counts(data), targets_per_row(data, layout.seq_len)
-    for start in range(0, len(data), batch_size):
-        ids = np.arange(start, min(start + batch_size, len(data)))
-        yield build_batch(data, plan_step(ids, lengths, targets, layout, n_per_row), layout, n_per_row)
+    lengths, targets, max_targets = data.lengths, target_counts(data), targets_per_row(data, layout.seq_len)
+    plans = [plan_step(np.arange(start, min(start + batch_size, len(data))), lengths, targets, layout, max_targets)
+             for start in range(0, len(data), batch_size)]
+    target_slots = max(plan.target_slots for plan in plans)  # one M: the eval step compiles once per A
+    for plan in plans:
+        yield build_batch(data, plan, layout, target_slots)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -459,12 +459,13 @@ def _vocab_logits(params, cfg: Qwen2Config, hidden, unshard) -> jax.Array:
 
 def cross_entropy_at(params: Params, cfg: Qwen2Config, hidden, index, targets, *,
                      unshard: Unshard | None = None) -> jax.Array:
-    """fp32 [b, n]: full-vocabulary cross-entropy of targets [b, n] at positions index [b, n] of hidden
-    [b, t, d], without materialising the logits in either pass (sidrec.model.vocab.cross_entropy)."""
-    gathered = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    """fp32, shaped like targets: full-vocabulary cross-entropy of targets at positions index (int, any
+    shape) of hidden [b, t, d] flattened to [b * t, d] (the loss slots of a device span its rows),
+    without materialising the logits in either pass (sidrec.model.vocab.cross_entropy)."""
+    gathered = jnp.take(hidden.reshape(-1, hidden.shape[-1]), index.reshape(-1), axis=0)
     with jax.named_scope("logits"):
-        ce = vocab.cross_entropy(gathered.reshape(-1, gathered.shape[-1]), output_head(params, cfg, unshard=unshard),
-                                 targets.reshape(-1), cfg.real_vocab_size)
+        ce = vocab.cross_entropy(gathered, output_head(params, cfg, unshard=unshard), targets.reshape(-1),
+                                 cfg.real_vocab_size)
     return ce.reshape(targets.shape)
 
 

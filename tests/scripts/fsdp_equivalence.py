@@ -43,6 +43,15 @@ def make_batch(rng, A, R, T=32, N=8):
             "loss_tgt": loss_tgt, "loss_w": loss_w, "n_targets": np.float32(loss_w.sum())}
 
 
+def per_device(batch, devices: int):
+    """Row-level loss slots [A, R, N] in the loader's layout: [A, devices, R / devices x N], positions
+    into each device's rows flattened (sidrec.data.batching)."""
+    A, R, T = batch["tokens"].shape
+    rows_per_device = R // devices
+    out = dict(batch, loss_pos=batch["loss_pos"] + (np.arange(R) % rows_per_device * T)[None, :, None])
+    return out | {k: out[k].reshape(A, devices, -1) for k in ("loss_pos", "loss_tgt", "loss_w")}
+
+
 def setup(mesh_cfg, devices):
     mesh = parallel.make_mesh(mesh_cfg, devices)
     fsdp = mesh.shape[parallel.FSDP]
@@ -53,7 +62,7 @@ def setup(mesh_cfg, devices):
 def loss_and_grads(mesh_cfg, devices, params, batch):
     mesh, specs, shardings = setup(mesh_cfg, devices)
     f = make_global_ce_sum(CFG, mesh, specs)
-    micro = {k: v[0] for k, v in batch.items() if k != "n_targets"}
+    micro = {k: v[0] for k, v in per_device(batch, mesh.devices.size).items() if k != "n_targets"}
     micro = parallel.global_batch(mesh, micro, row_axis=0)
     loss, grads = jax.jit(jax.value_and_grad(f))(jax.device_put(params, shardings), micro)
     n = float(batch["n_targets"])
@@ -66,7 +75,7 @@ def run_steps(mesh_cfg, devices, params, batches, tx):
     state = fns.init_state(jax.device_put(params, shardings))
     losses = []
     for batch in batches:
-        state, metrics = fns.train_step(state, parallel.global_batch(mesh, batch))
+        state, metrics = fns.train_step(state, parallel.global_batch(mesh, per_device(batch, mesh.devices.size)))
         losses.append(float(metrics["loss"]))
     return losses, jax.tree.map(np.asarray, state.params), fns.train_step._cache_size()
 
