@@ -152,6 +152,31 @@ def test_cross_entropy_at_and_its_parameter_gradients_equal_the_materialised_los
                                    err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_swiglu_vjp_equals_autodiff_of_the_formula(dtype, tol):
+    # The MLP's hand-written VJP against autodiff of HF's formula; fp32: the same sums in another
+    # order (relative to each gradient's scale); bf16: a few bf16 roundings (eps 7.8e-3).
+    keys = jax.random.split(jax.random.key(0), 5)
+    h = jax.random.normal(keys[0], (2, 24, 16)).astype(dtype)
+    w_gate, w_up = ((0.3 * jax.random.normal(key, (16, 40))).astype(dtype) for key in keys[1:3])
+    w_down = (0.3 * jax.random.normal(keys[3], (40, 16))).astype(dtype)
+    weights = jax.random.normal(keys[4], (2, 24, 16))
+
+    def formula(h, w_gate, w_up, w_down):
+        return (jax.nn.silu(h @ w_gate) * (h @ w_up)) @ w_down
+
+    def grads(mlp):
+        loss = lambda *args: jnp.sum(mlp(*args).astype(jnp.float32) * weights)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(h, w_gate, w_up, w_down)
+
+    np.testing.assert_allclose(np.asarray(qwen2.swiglu(h, w_gate, w_up, w_down), np.float32),
+                               np.asarray(formula(h, w_gate, w_up, w_down), np.float32), rtol=0, atol=tol * 4)
+    for got, want in zip(grads(qwen2.swiglu), grads(formula)):
+        assert got.dtype == want.dtype == dtype
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+
+
 def test_beam_decoding_with_reorder_equals_independent_sequences():
     """Random parents and tokens at every step: each beam's logits must equal a full forward over
     prompt + that beam's own history, so the shared prompt cache and the suffix gather are right."""

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from sidrec.errors import UserError
-from sidrec.model import attention, vocab
+from sidrec.model import attention, vma, vocab
 from sidrec.util import round_up
 
 # Logit of vocabulary rows that exist only as padding: finite (no NaN in softmax or its gradient)
@@ -327,9 +327,45 @@ def _project_qkv(layer: Params, cfg: Qwen2Config, h: jax.Array, cos, sin):
 
 def _mlp(layer: Params, cfg: Qwen2Config, x: jax.Array) -> jax.Array:
     h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
-    gate = jax.nn.silu(jnp.einsum("btd,df->btf", h, layer["w_gate"]))
-    up = jnp.einsum("btd,df->btf", h, layer["w_up"])
-    return jnp.einsum("btf,fd->btd", gate * up, layer["w_down"])
+    return swiglu(h, layer["w_gate"], layer["w_up"], layer["w_down"])
+
+
+@jax.custom_vjp
+def swiglu(h, w_gate, w_up, w_down):
+    """(silu(h @ w_gate) * (h @ w_up)) @ w_down for h [..., d], HF's Qwen2MLP.
+
+    Its own VJP is autodiff's arithmetic with the weight gradients' matmuls written over explicitly
+    transposed [d, n] operands: autodiff's transpose of the einsums had XLA's CPU backend transpose the
+    wide [n, f] intermediates (fused into the silu backward, ~12 ns an element), measured 140 -> 100 ms
+    for one MLP's forward + backward at [4096, 256] x [256, 768].
+    """
+    return _swiglu_forward(h, w_gate, w_up, w_down)[0]
+
+
+def _swiglu_forward(h, w_gate, w_up, w_down):
+    flat = h.reshape(-1, h.shape[-1])
+    gate, up = flat @ w_gate, flat @ w_up
+    out = (jax.nn.silu(gate) * up) @ w_down
+    return out.reshape(*h.shape[:-1], out.shape[-1]), (flat, gate, up, w_gate, w_up, w_down)
+
+
+def _swiglu_backward(residuals, out_grad):
+    flat, gate, up, w_gate, w_up, w_down = residuals
+    shape = (*out_grad.shape[:-1], flat.shape[-1])
+    out_grad = out_grad.reshape(-1, out_grad.shape[-1])
+    sigmoid = jax.nn.sigmoid(gate)
+    silu = gate * sigmoid
+    product_grad = out_grad @ w_down.T
+    w_down_grad = (out_grad.T @ (silu * up)).T
+    gate_grad = product_grad * up * (sigmoid * (1 + gate * (1 - sigmoid)))
+    up_grad = product_grad * silu
+    flat_t = flat.T
+    h_grad = gate_grad @ w_gate.T + up_grad @ w_up.T
+    return (h_grad.reshape(shape), vma.summed_like(flat_t @ gate_grad, w_gate),
+            vma.summed_like(flat_t @ up_grad, w_up), vma.summed_like(w_down_grad, w_down))
+
+
+swiglu.defvjp(_swiglu_forward, _swiglu_backward)
 
 
 def _cast(tree, dtype):

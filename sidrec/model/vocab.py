@@ -21,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sidrec.model import vma
+
 CHUNK = 8192  # vocabulary entries per chunk: [400 beams, 8192] fp32 is 13 MB; 2k..16k measured alike on CPU
 
 
@@ -49,32 +51,13 @@ def _chunk_logits(flat, head: Head, start, size):
     return head.slice(start, size).logits(flat)
 
 
-def _varying(x) -> frozenset:
-    """The manual mesh axes (inside shard_map) over which x differs from device to device."""
-    return jax.typeof(x).manual_axis_type.varying
-
-
-def _varying_like(value, *references):
-    """value, varying over the manual mesh axes the references vary over: inside shard_map a scan's
-    carry must keep one type, and the chunk logits vary like hidden (and the head, if it does)."""
-    axes = set().union(*map(_varying, references)) - _varying(value)
-    return jax.lax.pcast(value, tuple(sorted(axes)), to="varying") if axes else value
-
-
-def _summed_like(gradient, primal):
-    """A gradient varying over axes its primal does not is summed over them, as autodiff's transpose
-    of the implicit broadcast would (a device-invariant head gets the sum of every device's part)."""
-    axes = _varying(gradient) - _varying(primal)
-    return jax.lax.psum(gradient, tuple(sorted(axes))) if axes else gradient
-
-
 def _fold_chunks(fold, init, flat, head, real_vocab, chunk):
     """fold(carry, logits [n, c], start) over the chunks of the head's first real_vocab entries (padding
     is never read, so never masked): a scan over the full chunks, then the remainder (static
     shapes; the vocabulary need not divide by the chunk)."""
     chunk = min(chunk, real_vocab)
     full, rest = divmod(real_vocab, chunk)
-    init = jax.tree.map(lambda x: _varying_like(x, flat, head.weight), init)
+    init = jax.tree.map(lambda x: vma.varying_like(x, flat, head.weight), init)
 
     def body(carry, index):
         start = index * chunk
@@ -196,7 +179,7 @@ def _cross_entropy_backward(vocab_axis, real_vocab, chunk, residuals, cotangent)
         weight_grad = weight_grad.at[targets].add(-target_grad)
     else:
         weight_grad = weight_grad.at[:, targets].add(-target_grad.T)
-    return (_summed_like(hidden_grad, hidden).astype(hidden.dtype), _summed_like(weight_grad, weight).astype(weight.dtype),
+    return (vma.summed_like(hidden_grad, hidden).astype(hidden.dtype), vma.summed_like(weight_grad, weight).astype(weight.dtype),
             None)
 
 
