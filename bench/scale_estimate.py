@@ -57,7 +57,7 @@ def step_statistics(seq_len: int) -> dict:
         "targets_per_row": loader.targets_per_row, "mean_example_tokens": float(np.mean(data.lengths)),
         "tokens": float(np.mean([p.n_tokens for p in plans])),
         "targets": float(np.mean([p.n_targets for p in plans])),
-        "rows": float(np.mean([len(p.rows) for p in plans])),
+        "rows": float(np.mean([sum(len(row) > 0 for row in p.rows) for p in plans])),  # packed, not padding
         "micro_batches": float(np.mean([p.num_micro_batches for p in plans])),
         "token_slots": float(np.mean([p.num_micro_batches * slots_per_micro_batch for p in plans])),
         "target_slots": float(np.mean([p.num_micro_batches * DEVICES * p.target_slots for p in plans])),

@@ -80,14 +80,9 @@ def make_train_step(model_cfg, tx: optax.GradientTransformation, mesh, partition
             loss, grads = grad_fn(params, micro_batch)
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-        if micro_batches["tokens"].shape[0] == 1:
-            # One micro-batch: no zero-filled sums to add into (on CPU, filling the embedding-sized
-            # zeros alone took 20-40 ms of a bench step).
-            loss_sum, grad_sum = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches))
-        else:
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                                   micro_batches)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                               micro_batches)
         n_targets = jnp.maximum(batch["n_targets"], 1.0)
         loss = loss_sum / n_targets
         grads = jax.tree.map(lambda g: g / n_targets, grad_sum)
