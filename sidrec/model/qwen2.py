@@ -431,11 +431,13 @@ def _whole_row(visible, dtype):
 
 
 def _packed_rows(cfg: Qwen2Config, segment_ids, max_segment_len):
-    """Attention over packed rows (sidrec.model.attention), by cfg.attention."""
+    """Attention over packed rows (sidrec.model.attention), by cfg.attention. Called outside the layer
+    scan, so the xla form's bias is built once for all layers."""
+    if cfg.attention == "xla":
+        bias = attention.packed_bias(segment_ids, max_segment_len)
+        return lambda q, k, v, prefix: attention.packed(q, k, v, bias=bias, dtype=cfg.dtype)
+
     def attend(q, k, v, prefix):
-        if cfg.attention == "xla":
-            return attention.packed(q, k, v, segment_ids=segment_ids, max_segment_len=max_segment_len,
-                                    dtype=cfg.dtype)
         return attention.splash(q, k, v, segment_ids=segment_ids, max_segment_len=max_segment_len,
                                 interpret=cfg.attention == "splash_interpret").astype(cfg.dtype)
     return attend

@@ -29,9 +29,10 @@ CFG = qwen2.Qwen2Config(vocab_size=256, real_vocab_size=250, hidden_size=32, int
 
 
 def make_batch(rng, A, R, T=32, N=8):
-    """Rows with two packed segments each and a few loss positions in the second segment."""
+    """Rows with two packed segments each and a few loss positions in the second segment (never on the
+    padding tail: the loader puts no targets there, and attention leaves padding queries unspecified)."""
     tokens = rng.integers(0, 250, (A, R, T)).astype(np.int32)
-    cut = rng.integers(8, T - 8, (A, R))
+    cut = rng.integers(8, T - N - 3, (A, R))
     idx = np.arange(T)
     segment_ids = np.where(idx < cut[..., None], 1, 2).astype(np.int32)
     segment_ids[..., -3:] = 0  # padding tail
