@@ -145,6 +145,8 @@ def side_by_side(seq_len: int, examples: int, repeats: int, peak: float, **overr
     first_s = common.seconds(ours)
     attention_times = attention_side_by_side(ours, repeats=5)
     torch_run, torch_stats = torch_step(ours)
+    for warm_up in (ours, torch_run):  # the first call of each ran 10-40% slower than the rest (allocators)
+        warm_up()
     times = common.alternate({"ours": ours, "torch": torch_run}, repeats)
     ours_s, torch_s = common.median(times["ours"]), common.median(times["torch"])
     comparison = {
@@ -251,7 +253,7 @@ def report(side: dict | None, rows: list[dict], peak: dict, profiled: dict | Non
     return "\n".join(lines)
 
 
-def main(side_by_side_examples: int = 16, seq_len: int = 1024, repeats: int = 3, sweep_repeats: int = 2,
+def main(side_by_side_examples: int = 16, seq_len: int = 1024, repeats: int = 5, sweep_repeats: int = 2,
          examples_sweep: tuple[int, ...] = (8, 32), seq_len_sweep: tuple[int, ...] = (512, 2048),
          memory_child: bool = False) -> None:
     """Side by side with PyTorch (needs torch), the tokens/s sweep (the side-by-side point plus

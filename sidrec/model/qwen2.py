@@ -300,8 +300,9 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype) -> tup
     """cos, sin [..., head_dim] for integer positions [...]; fp32 then cast, as HF."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+    # HF's angles are [freqs, freqs]: cos / sin of each half once, then the copy (XLA CPU's cos ~35 ns).
+    cos, sin = jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
 def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
