@@ -57,10 +57,17 @@ def params_of(run_dir, which="last"):
     return jax.tree.map(np.asarray, params), step
 
 
-def test_rl_trains_logs_and_evaluates(sft_run, tmp_path):
-    run_dir = tmp_path / "rl"
+@pytest.fixture(scope="module")
+def rl_eval_run(sft_run, tmp_path_factory):
+    """(run directory, finished process) of one uninterrupted `cli.py rl-eval`; read-only for its users."""
+    run_dir = tmp_path_factory.mktemp("rl") / "run"
     done = cli("rl-eval", *rl_args(sft_run, run_dir))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return run_dir, done
+
+
+def test_rl_trains_logs_and_evaluates(sft_run, rl_eval_run):
+    run_dir, done = rl_eval_run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "rl/reward_mean" in r]
     assert [r["step"] for r in steps] == list(range(1, RL_STEPS + 1))
@@ -78,10 +85,8 @@ def test_rl_trains_logs_and_evaluates(sft_run, tmp_path):
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(rl_params), jax.tree.leaves(sft_params)))
 
 
-def test_sigkill_then_resume_is_bitwise_identical(sft_run, tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    done = cli("rl", *rl_args(sft_run, whole))
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_sigkill_then_resume_is_bitwise_identical(sft_run, rl_eval_run, tmp_path):
+    whole, killed = rl_eval_run[0], tmp_path / "killed"  # eval after training leaves the parameters alone
     process = subprocess.Popen([*CLI, "rl", *rl_args(sft_run, killed)], cwd=REPO, env=env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + TIMEOUT_S
@@ -97,9 +102,9 @@ def test_sigkill_then_resume_is_bitwise_identical(sft_run, tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     # Rerunning the finished run trains nothing and keeps what it knows (best, start) but claims no timings.
-    done = cli("rl", *rl_args(sft_run, whole))
+    done = cli("rl", *rl_args(sft_run, killed))
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((whole / "run_summary.json").read_text())
+    summary = json.loads((killed / "run_summary.json").read_text())
     assert summary["steps"] == RL_STEPS and summary["start_valid_ndcg@4"] is not None
     assert summary["rollout_s_per_step"] is None and summary["rollout_prompts_per_s"] is None
 
