@@ -89,7 +89,8 @@ def eval_section(r: dict) -> list[str]:
                 + (f", {bound['floor_prompts_per_s'] / side['hf_prompts_per_s']:.1f}x transformers" if side else "")
                 + f". Our ops, one call profiled (ms): {ops}.", ""]
     if full:
-        out += [f"Whole test split ({full['prompts']} prompts): {full['prompts_per_s']:.1f} prompts/s including "
+        out += [f"Test split, its first {full['prompts']} prompts (`python -m bench.eval_speed` alone runs all of "
+                f"them): {full['prompts_per_s']:.1f} prompts/s including "
                 f"compilation ({full['total_s']:.0f} s), {full['prompts_per_s_after_compile']:.1f} prompts/s after; "
                 f"{full['compilations']} compilation(s) for prompt-length buckets {full['length_buckets']}; "
                 f"peak RSS {full['peak_rss_mb']:.0f} MB.", ""]
