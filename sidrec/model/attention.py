@@ -117,8 +117,9 @@ def packed(q, k, v, *, bias: jax.Array, dtype) -> jax.Array:
     bias = `packed_bias(segment_ids, ...)`.
 
     q [b,t,k,g,e], k/v [b,t,k,e] -> [b,t,k,g,e]. Equal to whole_row at every real (non-zero segment)
-    query; padding queries see every key of their window here (the bias cannot tell them from a real
-    query's masked keys) and their outputs are never read, so they receive no gradient either.
+    query. A padding query sees every key of its window with equal weight here (all of its bias is
+    MASKED_SCORE); nothing reads padding outputs (the loader puts no loss targets there), so nothing
+    flows back through them either.
     Computed head-major ([b, k, n, Q*g, e]: a kv head's g query heads are one matmul's rows), with a
     hand-written VJP (`_block_attention`).
     """
@@ -162,10 +163,8 @@ def _block_attention_backward(dtype, residuals, out_grad):
     row_term = jnp.sum(out_grad.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
     scores_grad = (probs * (probs_grad - row_term) * queries.shape[-1] ** -0.5).astype(dtype)
     queries_grad = jnp.einsum("bknms,bknse->bknme", scores_grad, keys)
-    # Key and value gradients over explicitly transposed [.., S, rows] operands (the contraction over
-    # the rows axis as a plain matmul).
-    keys_grad = jnp.einsum("bknsm,bknme->bknse", jnp.swapaxes(scores_grad, -1, -2), queries)
-    values_grad = jnp.einsum("bknsm,bknme->bknse", jnp.swapaxes(probs, -1, -2), out_grad)
+    keys_grad = jnp.einsum("bknms,bknme->bknse", scores_grad, queries)
+    values_grad = jnp.einsum("bknms,bknme->bknse", probs, out_grad)
     return queries_grad, keys_grad, values_grad, None
 
 
