@@ -145,7 +145,7 @@ def side_by_side(seq_len: int, examples: int, repeats: int, peak: float, **overr
     first_s = common.seconds(ours)
     attention_times = attention_side_by_side(ours, repeats=5)
     torch_run, torch_stats = torch_step(ours)
-    for warm_up in (ours, torch_run):  # the first call of each ran 10-40% slower than the rest (allocators)
+    for warm_up in (ours, torch_run):  # first timed calls ran up to 45% (ours) and 30% (torch) slower
         warm_up()
     times = common.alternate({"ours": ours, "torch": torch_run}, repeats)
     ours_s, torch_s = common.median(times["ours"]), common.median(times["torch"])
