@@ -11,6 +11,7 @@ gradients come back already sharded like the parameters.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -151,6 +152,28 @@ def make_unshard(partition_specs: Any) -> Callable[[str, Any], Any]:
         return jax.tree.map(gather, tree, parts[name])
 
     return unshard
+
+
+def summed_over_devices(local: Callable, mesh, partition_specs: Any, batch_keys: tuple[str, ...],
+                        n_param_trees: int = 1) -> Callable:
+    """`f(*param_trees, batch)`: the sum over every device of `local(unshard, *param_trees, local_batch)`,
+    each device running on its rows of `batch` (a dict of `batch_keys`, rows on axis 0), FSDP through
+    shard_map with `make_unshard`'s hook.
+
+    On a one-device mesh `local` runs as is (unshard None: the identity) without shard_map: its gradient
+    collectives there are copies, and the train bench's step spent 27 ms (2%) copying two 149 MB
+    embedding gradients through an all-reduce over that one device, and page-faulted 38k more pages.
+    """
+    if mesh.size == 1:
+        return functools.partial(local, None)
+    unshard = make_unshard(partition_specs)
+    row_spec = {key: P(BATCH_AXES) for key in batch_keys}
+
+    def on_device(*args):
+        return jax.tree.map(lambda x: jax.lax.psum(x, BATCH_AXES), local(unshard, *args))
+
+    return jax.shard_map(on_device, mesh=mesh, in_specs=(*[partition_specs] * n_param_trees, row_spec),
+                         out_specs=P())
 
 
 def batch_spec(ndim: int, row_axis: int = 1) -> P:

@@ -54,15 +54,12 @@ def cross_entropy_sum(params, model_cfg: qwen2.Qwen2Config, micro_batch, *, unsh
 
 
 def make_global_ce_sum(model_cfg, mesh, partition_specs, max_segment_len=None) -> Callable:
-    """`f(params, micro_batch) -> summed CE over all devices`, FSDP through shard_map."""
-    unshard = parallel.make_unshard(partition_specs)
-    row_spec = {k: P(parallel.BATCH_AXES) for k in MICRO_BATCH_KEYS}
+    """`f(params, micro_batch) -> summed CE over all devices` (`parallel.summed_over_devices`)."""
 
-    def local(params, micro_batch):
-        return jax.lax.psum(cross_entropy_sum(params, model_cfg, micro_batch, unshard=unshard,
-                                              max_segment_len=max_segment_len), parallel.BATCH_AXES)
+    def local(unshard, params, micro_batch):
+        return cross_entropy_sum(params, model_cfg, micro_batch, unshard=unshard, max_segment_len=max_segment_len)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(partition_specs, row_spec), out_specs=P())
+    return parallel.summed_over_devices(local, mesh, partition_specs, MICRO_BATCH_KEYS)
 
 
 def make_train_step(model_cfg, tx: optax.GradientTransformation, mesh, partition_specs,

@@ -156,11 +156,9 @@ UPDATE_KEYS = ("prompt_tokens", "prompt_mask", "completions", "advantages", "wei
 def make_update(model_cfg, tx: optax.GradientTransformation, mesh, partition_specs, *, beta: float,
                 loss_type: LossType, eos_id: int) -> Callable:
     """`update(state, batch) -> (state, metrics)`: one optimizer step on a rollout batch laid out as
-    micro-batches [A, p, ...] (p prompts each, split over every device), FSDP through shard_map."""
-    unshard = parallel.make_unshard(partition_specs)
-    row_spec = {k: P(parallel.BATCH_AXES) for k in UPDATE_KEYS}
+    micro-batches [A, p, ...] (p prompts each, split over every device; `parallel.summed_over_devices`)."""
 
-    def local(params, ref_params, micro_batch):
+    def local(unshard, params, ref_params, micro_batch):
         completions = micro_batch["completions"]
         prompt = (micro_batch["prompt_tokens"], micro_batch["prompt_mask"], completions)
         logp = token_logps(params, model_cfg, *prompt, unshard=unshard)
@@ -168,10 +166,9 @@ def make_update(model_cfg, tx: optax.GradientTransformation, mesh, partition_spe
         mask = completion_mask(completions.reshape(-1, completions.shape[-1]), eos_id)
         loss, kl = objective_terms(logp, ref_logp, micro_batch["advantages"].reshape(-1), mask,
                                    micro_batch["weights"].reshape(-1), beta=beta, loss_type=loss_type)
-        return jax.lax.psum((loss, kl), parallel.BATCH_AXES)
+        return loss, kl
 
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(partition_specs, partition_specs, row_spec),
-                            out_specs=(P(), P()))
+    sharded = parallel.summed_over_devices(local, mesh, partition_specs, UPDATE_KEYS, n_param_trees=2)
 
     def update(state: RLState, batch):
         micro_batches = {k: batch[k] for k in UPDATE_KEYS}
