@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 
 SCOPES = ("embed", "attention", "mlp", "final_norm", "logits")
+_WRAPPERS = re.compile(r"^(?:\w+\()+|\)+$")
 _OP_NAME = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"")
 
 
@@ -26,9 +27,9 @@ def op_names(hlo_text: str) -> dict[str, str]:
 def classify(op_name: str) -> tuple[str, str, bool]:
     """(scope, pass, is_matmul) of one op; ops outside the model's scopes are 'other' (loss, optimizer,
     beam bookkeeping)."""
-    scope = next((s for s in reversed(op_name.split("/")) if s in SCOPES), None)
-    if scope is None:
-        scope = next((s for s in SCOPES if f"/{s}/" in op_name or op_name.endswith(f"/{s}")), "other")
+    # A scope opened at a transformation's top level is written inside it: `jvp(logits)`.
+    parts = [_WRAPPERS.sub("", part) for part in op_name.split("/")]
+    scope = next((s for s in reversed(parts) if s in SCOPES), "other")
     backward = "transpose(" in op_name
     return scope, "backward" if backward else "forward", "dot_general" in op_name
 
