@@ -108,11 +108,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_module(module: str, *args: str, timeout: float = 1200) -> dict:
-    """Run `python -m <module> <args>` in a fresh process (own peak RSS, own XLA flags) and return the
-    JSON it prints on its last stdout line."""
+def run_module(module: str, *args: str, timeout: float = 1200, env: dict[str, str] | None = None) -> dict:
+    """Run `python -m <module> <args>` in a fresh process (own peak RSS, own XLA flags; `env` added to
+    this one's environment) and return the JSON it prints on its last stdout line."""
     done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
