@@ -5,7 +5,8 @@ mirrors them) are sharded along `fsdp` by ONE rule (`FSDP_LOGICAL_AXES`): each a
 first dimension whose logical axis is listed there. Batches are split over all devices (`data` x
 `fsdp`). Inside `jax.shard_map` the model calls `unshard` on each layer's slice within the layer scan, so
 weights are all-gathered just in time; the transpose of that all-gather is a reduce-scatter, so
-gradients come back already sharded like the parameters.
+gradients come back already sharded like the parameters. On a one-device mesh the same loss runs
+without shard_map (`summed_over_devices`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""FSDP and data parallelism give the one-device numbers; grad accumulation equals one big batch;
-the step compiles once per batch shape. Runs tests/scripts/fsdp_equivalence.py in its own process
-(8 fake CPU devices must be requested before jax is imported)."""
+"""FSDP and data parallelism give the one-device numbers, for the SFT step and the RL update; grad
+accumulation equals one big batch; the step compiles once per batch shape. Runs
+tests/scripts/fsdp_equivalence.py in its own process (8 fake CPU devices must be requested before jax
+is imported)."""
 
 import json
 import os
@@ -56,6 +57,14 @@ def test_grad_accumulation_equals_one_big_batch(measured):
     # SGD step of 4 micro-batches x 2 rows vs 1 x 8 rows: same gradient up to fp32 summation order.
     assert measured["accum_step_global_rel_diff"] <= 1e-6
     assert measured["accum_step_worst_leaf_rel_diff"] <= 1e-5
+
+
+def test_rl_update_matches_one_device(measured):
+    # The same fp32 rounding-level bound as the SFT gradients; the KL term is live (reference moved away).
+    assert measured["rl_kl"] > 1e-4 and measured["rl_grad_max"] > 1e-3
+    assert measured["rl_data2_fsdp4_loss_diff"] <= 1e-5
+    assert measured["rl_data2_fsdp4_kl_diff"] <= 1e-5
+    assert measured["rl_data2_fsdp4_grad_diff"] <= 1e-5
 
 
 @pytest.mark.slow

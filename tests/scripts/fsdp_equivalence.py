@@ -2,7 +2,9 @@
 
 Compares, on one tiny model and one global batch: the loss and gradients of one device against
 fsdp=8 and data=2 x fsdp=4; a few optimizer steps; grad accumulation 4 x R/4 rows against 1 x R rows;
-and counts compilations of the step. Prints one JSON line of measured differences.
+the RL update's loss, KL and applied gradient (one device runs without shard_map, the others through
+it: `parallel.summed_over_devices`); and counts compilations of the step. Prints one JSON line of
+measured differences.
 """
 
 import os
@@ -19,6 +21,7 @@ import optax  # noqa: E402
 from sidrec import optim, parallel  # noqa: E402
 from sidrec.config import MeshConfig, OptimConfig  # noqa: E402
 from sidrec.model import qwen2  # noqa: E402
+from sidrec.rl import grpo  # noqa: E402
 from sidrec.train import compile_steps, make_global_ce_sum  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -79,6 +82,36 @@ def run_steps(mesh_cfg, devices, params, batches, tx):
         state, metrics = fns.train_step(state, parallel.global_batch(mesh, per_device(batch, mesh.devices.size)))
         losses.append(float(metrics["loss"]))
     return losses, jax.tree.map(np.asarray, state.params), fns.train_step._cache_size()
+
+
+def rl_batch(rng, A=2, p=8, S=6, G=3, C=4, eos=1):
+    """An RL update batch [A, p, ...]: left-padded prompts, completions with an EOS at varying places,
+    and two dropped completions (weight 0)."""
+    lengths = rng.integers(1, S + 1, (A, p))
+    prompt_mask = (np.arange(S) >= S - lengths[..., None]).astype(np.int32)
+    completions = rng.integers(2, CFG.real_vocab_size, (A, p, G, C)).astype(np.int32)
+    completions[..., 1, 2] = eos
+    weights = np.ones((A, p, G), np.float32)
+    weights[0, 1, 0] = weights[1, 3, 2] = 0.0
+    return {"prompt_tokens": rng.integers(2, CFG.real_vocab_size, (A, p, S)).astype(np.int32),
+            "prompt_mask": prompt_mask, "completions": completions,
+            "advantages": rng.normal(0.0, 1.0, (A, p, G)).astype(np.float32), "weights": weights}
+
+
+# A tx whose state becomes the gradient it is given and whose update is zero: the exact applied gradient.
+CAPTURE_GRADIENT = optax.GradientTransformation(
+    init=lambda params: jax.tree.map(np.zeros_like, params),
+    update=lambda grads, state, params=None: (jax.tree.map(lambda g: g * 0, grads), grads))
+
+
+def rl_update(mesh_cfg, devices, params, ref_params, batch):
+    mesh, specs, shardings = setup(mesh_cfg, devices)
+    update = jax.jit(grpo.make_update(CFG, CAPTURE_GRADIENT, mesh, specs, beta=0.1, loss_type="grpo", eos_id=1))
+    state = grpo.RLState(params=jax.device_put(params, shardings), opt_state=jax.device_put(
+        jax.tree.map(np.zeros_like, params), shardings), ref_params=jax.device_put(ref_params, shardings),
+        step=np.int32(0))
+    state, metrics = update(state, parallel.global_batch(mesh, batch, row_axis=1))
+    return float(metrics["loss"]), float(metrics["kl"]), jax.tree.map(np.asarray, state.opt_state)
 
 
 def max_diff(a, b):
@@ -155,6 +188,14 @@ def main():
     step_big = jax.tree.map(lambda a, b: a - b, p_big, params)
     out["accum_step_global_rel_diff"] = global_rel(step_acc, step_big)
     out["accum_step_worst_leaf_rel_diff"] = leaf_rel(step_acc, step_big)
+
+    reference = jax.tree.map(lambda x: x + 0.01 * rng.standard_normal(x.shape).astype(np.float32), params)
+    update_batch = rl_batch(rng)
+    ref_loss, ref_kl, ref_grads = rl_update(one, devices[:1], params, reference, update_batch)
+    out["rl_kl"], out["rl_grad_max"] = ref_kl, max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads))
+    loss, kl, grads = rl_update(MeshConfig(data=2, fsdp=4), devices, params, reference, update_batch)
+    out["rl_data2_fsdp4_loss_diff"], out["rl_data2_fsdp4_kl_diff"] = abs(loss - ref_loss), abs(kl - ref_kl)
+    out["rl_data2_fsdp4_grad_diff"] = max_diff(grads, ref_grads)
     print(json.dumps(out))
 
 
