@@ -434,6 +434,19 @@ def test_update_applies_gradient_of_transcribed_loss(loss_type, tx, policy_and_r
         np.testing.assert_array_equal(np.asarray(got), ref)
 
 
+def test_non_finite_update_leaves_state_unchanged(policy_and_reference):
+    """A NaN advantage makes the loss non-finite: the update is skipped (params, optimizer state and step as
+    they were) and reported, rather than writing NaN into the policy."""
+    params, ref_params = policy_and_reference
+    batch = update_batch()
+    batch["advantages"] = batch["advantages"].copy()
+    batch["advantages"][0, 0, 0] = np.nan
+    state, metrics = one_device_update(SGD, "grpo")(initial_state(SGD, params, ref_params), batch)
+    assert not bool(metrics["finite"]) and int(state.step) == 0
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_update_with_adamw_from_build_optimizer(policy_and_reference, transcription):
     """AdamW (build_optimizer: global-norm clipping, decoupled decay off norms/biases) fed the transcription's
     gradient directly gives the same first moment and the same parameters as the update."""

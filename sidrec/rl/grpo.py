@@ -170,12 +170,18 @@ def make_update(model_cfg, tx: optax.GradientTransformation, mesh, partition_spe
 
     sharded = parallel.summed_over_devices(local, mesh, partition_specs, UPDATE_KEYS, n_param_trees=2)
 
+    def mean_loss(loss_sum, kl_sum, count):
+        return loss_sum / count, kl_sum
+
     def update(state: RLState, batch):
         micro_batches = {k: batch[k] for k in UPDATE_KEYS}
         flat_mask = completion_mask(batch["completions"], eos_id)
         count = jnp.maximum(loss_count(flat_mask.reshape(-1, flat_mask.shape[-1]), batch["weights"].reshape(-1),
                                        loss_type), 1.0)
-        grad_fn = jax.value_and_grad(lambda params, mb: sharded(params, state.ref_params, mb), has_aux=True)
+        # 1/count rides on the cotangents inside the differentiated function (as the SFT step does),
+        # not as a pass over every gradient.
+        grad_fn = jax.value_and_grad(
+            lambda params, mb: mean_loss(*sharded(params, state.ref_params, mb), count), has_aux=True)
 
         def accumulate(carry, micro_batch):
             loss_sum, kl_sum, grad_sum = carry
@@ -183,20 +189,20 @@ def make_update(model_cfg, tx: optax.GradientTransformation, mesh, partition_spe
             return (loss_sum + loss, kl_sum + kl, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (loss_sum, kl_sum, grad_sum), _ = jax.lax.scan(
+        (loss, kl_sum, grads), _ = jax.lax.scan(
             accumulate, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros), micro_batches)
-        grads = jax.tree.map(lambda g: g / count, grad_sum)
         grad_norm = optax.tree_utils.tree_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-        keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def apply(state):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return dataclasses.replace(state, params=optax.apply_updates(state.params, updates),
+                                       opt_state=opt_state, step=state.step + 1)
+
+        # A non-finite step leaves the state as it was; a cond rather than a select of every array.
+        new_state = jax.lax.cond(finite, apply, lambda state: state, state)
         completions = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-        new_state = dataclasses.replace(state, params=keep(new_params, state.params),
-                                        opt_state=keep(opt_state, state.opt_state),
-                                        step=state.step + finite.astype(jnp.int32))
-        return new_state, {"loss": loss_sum / count, "kl": kl_sum / completions, "grad_norm": grad_norm,
-                           "finite": finite}
+        return new_state, {"loss": loss, "kl": kl_sum / completions, "grad_norm": grad_norm, "finite": finite}
 
     return update
 
