@@ -285,7 +285,8 @@ def machine_line(results: list[dict]) -> str:
     versions = ", ".join(f"{k} {values(k)}" for k in ("jax", "torch", "transformers") if values(k))
     loads = ", ".join(str(m["load_average_1m"]) for m in machines)
     when = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
-    return (f"Measured on {values('cpu')} ({values('cores')} cores; 1-minute load average {loads} as each result "
+    isa = f", {values('vector_isa')}" if values("vector_isa") else ""
+    return (f"Measured on {values('cpu')} ({values('cores')} cores{isa}; 1-minute load average {loads} as each result "
             f"was written), {versions}, {when}; figures are medians. `just bench` regenerates this section "
             "from bench/results/*.json.")
 
