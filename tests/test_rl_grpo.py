@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from probes import CAPTURE_GRADIENT
 
 from sidrec import optim, parallel
 from sidrec.config import MeshConfig, OptimConfig
@@ -344,10 +345,6 @@ def update_batch(seed=3, A=2, p=2, S=6, G=3, C=4):
     return {k: v.reshape(A, p, *v.shape[1:]) for k, v in flat.items()}
 
 
-# A tx whose state becomes the gradient it is given and whose update is zero: the exact applied gradient.
-CAPTURE_GRADIENT = optax.GradientTransformation(
-    init=lambda params: jax.tree.map(jnp.zeros_like, params),
-    update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
 
 
 @functools.cache  # one jitted update (and its compilations) per (tx, loss type) for the whole module
@@ -435,8 +432,8 @@ def test_update_applies_gradient_of_transcribed_loss(loss_type, tx, policy_and_r
 
 
 def test_non_finite_update_leaves_state_unchanged(policy_and_reference):
-    """A NaN advantage makes the loss non-finite: the update is skipped (params, optimizer state and step as
-    they were) and reported, rather than writing NaN into the policy."""
+    """A NaN advantage makes the loss non-finite: the update is skipped (params and step as they were) and
+    reported, rather than writing NaN into the policy."""
     params, ref_params = policy_and_reference
     batch = update_batch()
     batch["advantages"] = batch["advantages"].copy()

@@ -13,6 +13,8 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 SLOW = os.environ.get("SIDREC_SLOW") == "1"  # also run the Muon variants (slow on 2 CPU cores)
 
 import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -23,6 +25,9 @@ from sidrec.config import MeshConfig, OptimConfig  # noqa: E402
 from sidrec.model import qwen2  # noqa: E402
 from sidrec.rl import grpo  # noqa: E402
 from sidrec.train import compile_steps, make_global_ce_sum  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from probes import CAPTURE_GRADIENT  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -98,10 +103,6 @@ def rl_batch(rng, A=2, p=8, S=6, G=3, C=4, eos=1):
             "advantages": rng.normal(0.0, 1.0, (A, p, G)).astype(np.float32), "weights": weights}
 
 
-# A tx whose state becomes the gradient it is given and whose update is zero: the exact applied gradient.
-CAPTURE_GRADIENT = optax.GradientTransformation(
-    init=lambda params: jax.tree.map(np.zeros_like, params),
-    update=lambda grads, state, params=None: (jax.tree.map(lambda g: g * 0, grads), grads))
 
 
 def rl_update(mesh_cfg, devices, params, ref_params, batch):
