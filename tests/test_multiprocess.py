@@ -6,7 +6,6 @@ directory, as the hosts of a pod share a gs:// bucket.
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tiny import TINY_DATA_AND_MODEL
+from tiny import TINY_DATA_AND_MODEL, cli_env
 
 from sidrec import build
 from sidrec.checkpoint import restore_params
@@ -48,8 +47,7 @@ def free_port() -> int:
 def run_cli(command: str, run_dir: Path, processes: int) -> list[str]:
     """`cli.py COMMAND` as `processes` processes splitting the 8 devices; returns each one's output."""
     base = [sys.executable, str(REPO / "cli.py"), command, "--preset", "demo", "--run-dir", str(run_dir), *TINY]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // processes}"}
+    env = cli_env(devices=DEVICES // processes)
     distributed = [] if processes == 1 else [
         "--mesh.coordinator-address", f"localhost:{free_port()}", "--mesh.num-processes", str(processes)]
     logs = [run_dir.parent / f"{run_dir.name}.{command}.{i}of{processes}.log" for i in range(processes)]

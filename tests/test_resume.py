@@ -2,13 +2,11 @@
 ends with bitwise the same parameters, and logs the same losses, as a run that was never interrupted.
 
 Each run is `cli.py train` in a subprocess on a tiny synthetic config (one CPU device). The kill step
-is drawn from a seeded rng and printed (`pytest -s` shows it). Runs share a persistent compilation
-cache, so only the first one pays for compiling (a cached executable computes exactly what a freshly
-compiled one does).
+is drawn from a seeded rng and printed (`pytest -s` shows it). Runs share the test session's persistent
+compilation cache (tiny.cli_env), so only the first one pays for compiling.
 """
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -19,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tiny import TINY_DATA_AND_MODEL
+from tiny import TINY_DATA_AND_MODEL, cli_env
 
 from sidrec import build
 from sidrec.checkpoint import restore_params
@@ -37,24 +35,12 @@ TINY = [
 RUN_TIMEOUT_S = 300
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax_compilation_cache")
-
-
 def train_command(run_dir: Path) -> list[str]:
     return [sys.executable, str(REPO / "cli.py"), "train", "--preset", "demo", "--run-dir", str(run_dir), *TINY]
 
 
-def run_env(compile_cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}  # no inherited multi-process setup
-    return env | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-                  "JAX_COMPILATION_CACHE_DIR": str(compile_cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-
-
-def train(run_dir: Path, compile_cache: Path) -> None:
-    done = subprocess.run(train_command(run_dir), cwd=REPO, env=run_env(compile_cache), capture_output=True,
+def train(run_dir: Path) -> None:
+    done = subprocess.run(train_command(run_dir), cwd=REPO, env=cli_env(), capture_output=True,
                           text=True, timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
@@ -89,11 +75,11 @@ def reached(run_dir: Path, step: int) -> bool:
     return bool(committed_steps(run_dir)) and max(losses(metric_lines(run_dir)), default=-1) >= step
 
 
-def interrupt(run_dir: Path, compile_cache: Path, sig: signal.Signals, at_step: int) -> int:
+def interrupt(run_dir: Path, sig: signal.Signals, at_step: int) -> int:
     """Start a run and send it `sig` once `reached(run_dir, at_step)`; returns its exit code."""
     log_path = run_dir.parent / f"{run_dir.name}.interrupted.log"
     with open(log_path, "w") as log:
-        process = subprocess.Popen(train_command(run_dir), cwd=REPO, env=run_env(compile_cache), stdout=log,
+        process = subprocess.Popen(train_command(run_dir), cwd=REPO, env=cli_env(), stdout=log,
                                    stderr=subprocess.STDOUT)
         deadline = time.monotonic() + RUN_TIMEOUT_S
         try:
@@ -123,22 +109,22 @@ def differing_leaves(a: dict, b: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, compile_cache) -> Path:
+def uninterrupted(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    train(run_dir, compile_cache)
+    train(run_dir)
     return run_dir
 
 
-def interrupt_and_resume(sig: signal.Signals, run_dir: Path, compile_cache: Path) -> dict:
+def interrupt_and_resume(sig: signal.Signals, run_dir: Path) -> dict:
     """Interrupt a run at a seeded random step after its first checkpoint, resume it to the end."""
     at_step = random.Random(f"resume-{sig.name}").randint(SAVE_EVERY, TOTAL_STEPS - SAVE_EVERY - 2)
-    exit_code = interrupt(run_dir, compile_cache, sig, at_step)
+    exit_code = interrupt(run_dir, sig, at_step)
     before = metric_lines(run_dir)
     resume_step = max(committed_steps(run_dir))
     print(f"{sig.name}: sent after step {at_step}'s loss was logged; the run had logged up to step "
           f"{max(losses(before))}; resuming from checkpoint {resume_step}")
     size = metrics_size(run_dir)
-    train(run_dir, compile_cache)
+    train(run_dir)
     return {"exit_code": exit_code, "before": before, "resume_step": resume_step,
             "resumed": metric_lines(run_dir, from_byte=size)}
 
@@ -161,14 +147,14 @@ def check_matches_uninterrupted(run: dict, run_dir: Path, uninterrupted: Path) -
     assert differing_leaves(params, reference_params) == []
 
 
-def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, tmp_path, compile_cache):
-    run = interrupt_and_resume(signal.SIGKILL, tmp_path / "run", compile_cache)
+def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
+    run = interrupt_and_resume(signal.SIGKILL, tmp_path / "run")
     assert run["exit_code"] == -signal.SIGKILL
     check_matches_uninterrupted(run, tmp_path / "run", uninterrupted)
 
 
-def test_sigterm_saves_exits_cleanly_and_resumes_bitwise_identical(uninterrupted, tmp_path, compile_cache):
-    run = interrupt_and_resume(signal.SIGTERM, tmp_path / "run", compile_cache)
+def test_sigterm_saves_exits_cleanly_and_resumes_bitwise_identical(uninterrupted, tmp_path):
+    run = interrupt_and_resume(signal.SIGTERM, tmp_path / "run")
     assert run["exit_code"] == 0
     # The preempted run saved the state of the step it stopped at, having logged every step before it.
     assert run["resume_step"] == max(losses(run["before"])) + 1

@@ -3,7 +3,6 @@ directory `cli.py eval` reads unchanged; a SIGKILLed run resumes to bitwise the 
 uninterrupted one; user mistakes end in one line and exit code 2."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from tiny import CLI, REPO, TINY_DATA_AND_MODEL
+from tiny import CLI, REPO, TINY_DATA_AND_MODEL, cli_env
 
 from sidrec import build
 from sidrec.checkpoint import restore_params
@@ -26,13 +25,8 @@ TINY_RL = ["--rl.group-size", "4", "--rl.prompts-per-step", "4", "--rl.micro-bat
            "--eval.num-beams", "5", "--eval.max-samples", "16"]
 
 
-def env():
-    base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    return base | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-
-
 def cli(*args, cwd=REPO):
-    return subprocess.run([*CLI, *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    return subprocess.run([*CLI, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 def rl_args(sft_dir, run_dir, *extra):
@@ -87,7 +81,7 @@ def test_rl_trains_logs_and_evaluates(sft_run, rl_eval_run):
 
 def test_sigkill_then_resume_is_bitwise_identical(sft_run, rl_eval_run, tmp_path):
     whole, killed = rl_eval_run[0], tmp_path / "killed"  # eval after training leaves the parameters alone
-    process = subprocess.Popen([*CLI, "rl", *rl_args(sft_run, killed)], cwd=REPO, env=env(),
+    process = subprocess.Popen([*CLI, "rl", *rl_args(sft_run, killed)], cwd=REPO, env=cli_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + TIMEOUT_S
     while not (killed / "checkpoints" / "2").is_dir() and process.poll() is None and time.time() < deadline:

@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import test_resume as resume  # noqa: E402  (the resume test's runner and comparisons)
 import test_rl_run as rl  # noqa: E402
+from tiny import cli_env  # noqa: E402
 
 TOTAL_STEPS = 100
 FLAGS = [flag for flag in resume.TINY]
@@ -37,8 +38,8 @@ def rl_command(sft_dir: Path):
     return command
 
 
-def run_to_end(command, run_dir: Path, cache: Path) -> None:
-    done = subprocess.run(command(run_dir), cwd=resume.REPO, env=resume.run_env(cache), capture_output=True,
+def run_to_end(command, run_dir: Path) -> None:
+    done = subprocess.run(command(run_dir), cwd=resume.REPO, env=cli_env(), capture_output=True,
                           text=True, timeout=resume.RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
@@ -49,10 +50,10 @@ def logged_step(run_dir: Path) -> int:
     return max(max(resume.losses(lines), default=-1), max(resume.losses(lines, "rl/loss"), default=-1))
 
 
-def kill_at_random_moment(command, run_dir: Path, cache: Path, rng: random.Random) -> dict:
+def kill_at_random_moment(command, run_dir: Path, rng: random.Random) -> dict:
     """Start (or resume) the run; once it has logged a step past its start, SIGKILL it 0-0.6 s later."""
     start = logged_step(run_dir)
-    process = subprocess.Popen(command(run_dir), cwd=resume.REPO, env=resume.run_env(cache),
+    process = subprocess.Popen(command(run_dir), cwd=resume.REPO, env=cli_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + resume.RUN_TIMEOUT_S
     try:
@@ -73,23 +74,22 @@ def kill_at_random_moment(command, run_dir: Path, cache: Path, rng: random.Rando
 
 
 def soak(kills: int, seed: int, workdir: Path, *, rl_stage: bool = False) -> dict:
-    cache = workdir / "cache"
     command = sft_command
     if rl_stage:  # RL continues a short SFT run
         sft_dir = workdir / "sft"
-        run_to_end(lambda d: [*sft_command(d)[:-len(FLAGS)], *resume.TINY], sft_dir, cache)
+        run_to_end(lambda d: [*sft_command(d)[:-len(FLAGS)], *resume.TINY], sft_dir)
         command = rl_command(sft_dir)
     reference, run_dir = workdir / "uninterrupted", workdir / "soaked"
-    run_to_end(command, reference, cache)
+    run_to_end(command, reference)
     rng = random.Random(seed)
     trials = []
     while len([t for t in trials if t["killed"]]) < kills:
-        trial = kill_at_random_moment(command, run_dir, cache, rng)
+        trial = kill_at_random_moment(command, run_dir, rng)
         trials.append(trial)
         print(f"trial {len(trials)}: {trial}", flush=True)
         if not trial["killed"]:  # finished before the kill: start the soak over in a fresh directory
             raise AssertionError(f"the run ended before kill {len(trials)}; lower the kill delay: {trial}")
-    run_to_end(command, run_dir, cache)
+    run_to_end(command, run_dir)
     params, step = resume.last_params(run_dir)
     reference_params, reference_step = resume.last_params(reference)
     differing = resume.differing_leaves(params, reference_params)

@@ -5,14 +5,14 @@ and no checkpoint written after it."""
 import json
 import subprocess
 
-from tiny import CLI, REPO, TINY_DATA_AND_MODEL
+from tiny import CLI, REPO, TINY_DATA_AND_MODEL, cli_env
 
 
 def train(run_dir, *flags):
     return subprocess.run([*CLI, "train", "--preset", "demo", "--run-dir", str(run_dir), *TINY_DATA_AND_MODEL,
                            "--train.global-batch-size", "16", "--train.per-device-batch-size", "16",
                            "--data.valid-max-samples", "32", *flags],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_tiny_muon_run_drives_validation_loss_down_and_logs_the_split(tmp_path):
@@ -54,7 +54,7 @@ def test_relative_run_dir(tmp_path):
     done = subprocess.run([*CLI, "train", "--preset", "demo", "--run-dir", "rel/run", *TINY_DATA_AND_MODEL,
                            "--train.global-batch-size", "16", "--train.per-device-batch-size", "16",
                            "--data.valid-max-samples", "16", "--train.max-steps", "2"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "rel" / "run" / "checkpoints" / "2").is_dir()
 
