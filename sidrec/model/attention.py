@@ -9,7 +9,7 @@ backward of one layer's attention over 3 rows of 1024, examples <= 498 tokens (t
 longest), took 0.11 s against 0.31 s whole-row (a microbenchmark; `just bench` measures it on the train
 bench's own rows). When the lookback spans the whole row (no bound, or rows barely longer than the
 longest example) it is one block of the whole row. The visibility is an additive bias built once per batch
-(`packed_bias`), and `packed` has its own VJP.
+(`packed_bias`); `packed` scans the query blocks, with its own VJP (`_block_attention`).
 
 `splash` runs the same visibility through Pallas' TPU splash-attention kernel (flash attention with
 segment ids; the causal / local-window mask is static, so it also skips blocks past the lookback). It is
