@@ -24,10 +24,13 @@ COMPILE_CACHE = tempfile.mkdtemp(prefix="sidrec-test-jax-cache-")
 atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
 
 
-def cli_env(devices: int = 1) -> dict[str, str]:
+def cli_env(devices: int = 1, compile_cache: bool = True) -> dict[str, str]:
     """The environment of a `cli.py` subprocess: CPU with `devices` fake devices, no JAX_* setting inherited
-    (no multi-process setup leaks in), the session's compilation cache."""
+    (no multi-process setup leaks in), and the session's compilation cache unless compile_cache is False
+    (processes of one run compiling side by side would write the same entries at once)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    return env | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                  "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    if compile_cache:
+        env |= {"JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    return env
