@@ -148,7 +148,8 @@ def train_section(r: dict) -> list[str]:
             f"({peak['flops_per_s'] / 1e9:.1f} GFLOP/s, `jnp.dot`). *Nominal* counts "
             "`qwen2.flops_per_token` (6N + attention) per real token, the MFU convention; *executed* counts "
             "what the step computes (every row slot, the vocabulary head only at target slots, 4x forward there: "
-            "the chunked loss recomputes its logits in the backward).", "",
+            "the chunked loss recomputes its logits in the backward; attention's scores 3.5x forward: its "
+            "backward recomputes them).", "",
             common.table(rows, [
                 ("seq_len", "row length", "d"), ("examples", "examples/step", "d"), ("rows", "rows", "d"),
                 ("targets", "targets", ".0f"), ("target_slots", "target slots", "d"), ("tokens_per_s", "tokens/s", ".0f"),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sidrec.config import ModelConfig
-from sidrec.model import hf, qwen2
+from sidrec.model import attention, hf, qwen2
 
 FIXTURES = Path(__file__).parent / "fixtures" / "model"
 NAMES = ("tied", "untied")
@@ -340,11 +340,19 @@ def test_executed_train_flops_counts_every_slot_and_the_head_at_targets_only():
                             num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
     layer_matmul = 2 * 64 * (64 + 32 + 32 + 64 + 3 * 128)  # q, k, v, o, gate/up/down; two layers
     assert qwen2.layer_matmul_params(cfg) == layer_matmul
-    forward_per_slot = 2 * layer_matmul + 4 * 2 * 4 * 16 * 256
+    score_matmul = 2 * 2 * 4 * 16 * 256  # q.k (or p.v) of one slot over 256 keys: two layers, 4 heads of 16
     head_per_target = 4 * 2 * 64 * 1000  # 4 forwards: logits, recomputed logits, two gradients; real vocab only
-    assert qwen2.executed_train_flops(cfg, 512, 10, 256) == 512 * 3 * forward_per_slot + 10 * head_per_target
+    # Attention: forward 2 score matmuls, backward 5 (the scores recomputed, then 4 gradients).
+    expected = 512 * (3 * 2 * layer_matmul + 7 * score_matmul) + 10 * head_per_target
+    assert qwen2.executed_train_flops(cfg, 512, 10, 256) == expected
     remat = dataclasses.replace(cfg, remat=True)
-    assert qwen2.executed_train_flops(remat, 512, 10, 256) == 512 * 4 * forward_per_slot + 10 * head_per_target
+    expected = 512 * (4 * 2 * layer_matmul + 9 * score_matmul) + 10 * head_per_target
+    assert qwen2.executed_train_flops(remat, 512, 10, 256) == expected
+    # splash: dq (scores, their values gradient, dq) and dkv (scores, values gradient, dv, dk) kernels.
+    splash = dataclasses.replace(cfg, attention="splash")
+    keys = attention.keys_per_query(256, None, "splash")
+    expected = 512 * (3 * 2 * layer_matmul + 9 * score_matmul * keys / 256) + 10 * head_per_target
+    assert qwen2.executed_train_flops(splash, 512, 10, 256) == pytest.approx(expected)
     # With a vocabulary far larger than the layers (as Qwen2.5's 152k on a small model), executed work per
     # token is about 6N + attention when every token is a target, far less at one target in 32 tokens.
     wide = dataclasses.replace(cfg, vocab_size=16384, real_vocab_size=16384)

@@ -270,15 +270,20 @@ def executed_train_flops(cfg: Qwen2Config, token_slots: float, target_slots: flo
 
     The layers run over every row slot, padding included: forward + backward = 3 forwards, 4 with remat.
     Each query's attention covers `attention.keys_per_query` keys (rows of `seq_len`, examples of at
-    most `max_segment_len`). The vocabulary head runs only at the target slots, 4 forwards there:
-    vocab.cross_entropy's backward recomputes its logits chunk by chunk before the two gradients.
-    A small model with a large vocabulary executes far less than 6N per token (the head is most of N).
+    most `max_segment_len`), with the score matmuls its backward recomputes: the xla form's VJP
+    recomputes the scores once (7 matmuls where autodiff has 6: 3.5 forwards), splash's separate dq
+    and dkv kernels recompute the scores and their gradient through the values twice (9: 4.5). The
+    vocabulary head runs only at the target slots, 4 forwards there: vocab.cross_entropy's backward
+    recomputes its logits chunk by chunk before the two gradients. A small model with a large
+    vocabulary executes far less than 6N per token (the head is most of N).
     """
-    keys = attention.keys_per_query(seq_len, max_segment_len, cfg.attention.removesuffix("_interpret"))
-    scores_and_sum = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * keys
-    forward_per_slot = 2 * layer_matmul_params(cfg) + scores_and_sum
+    implementation = cfg.attention.removesuffix("_interpret")
+    keys = attention.keys_per_query(seq_len, max_segment_len, implementation)
+    score_matmul = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * keys  # q.k or p.v of one slot
     passes = 4 if cfg.remat else 3
-    return token_slots * passes * forward_per_slot + target_slots * 4 * 2 * cfg.hidden_size * cfg.real_vocab_size
+    attention_passes = passes + (0.5 if implementation == "xla" else 1.5)
+    per_slot = passes * 2 * layer_matmul_params(cfg) + attention_passes * 2 * score_matmul
+    return token_slots * per_slot + target_slots * 4 * 2 * cfg.hidden_size * cfg.real_vocab_size
 
 
 # ----------------------------------------------------------------------------------------------
