@@ -135,4 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from sidrec import hugepages
+
+    hugepages.reexec_with_huge_pages()
     sys.exit(main())

@@ -104,6 +104,15 @@ def eval_ops(profile_result: dict) -> str:
     return ", ".join(f"`{name}` {ms:.0f}" for name, ms in profile.ops_by_source(profile_result).items())
 
 
+def sweep_env_sentence(env: dict | None) -> str:
+    """How the sweep's processes ran: as cli.py runs (sidrec.hugepages), which the side-by-side does not."""
+    if not env:
+        return " The sweep ran in this machine's default environment (no huge-page tunable applies here)."
+    return (" The sweep and its profile ran as `cli.py` runs, with `" + " ".join(f"{k}={v}" for k, v in env.items())
+            + "` (`sidrec.hugepages`: transparent huge pages for XLA's per-step temporaries); the side-by-side "
+            "comparisons above ran without it, for both sides.")
+
+
 def reused_memory_line(reused: dict, default: dict, env: dict) -> str:
     """Both contenders again with glibc reusing freed memory (`env`: train_speed.REUSE_MEMORY_ENV),
     against the default allocator's side-by-side run."""
@@ -149,7 +158,7 @@ def train_section(r: dict) -> list[str]:
             "`qwen2.flops_per_token` (6N + attention) per real token, the MFU convention; *executed* counts "
             "what the step computes (every row slot, the vocabulary head only at target slots, 4x forward there: "
             "the chunked loss recomputes its logits in the backward; attention's scores 3.5x forward: its "
-            "backward recomputes them).", "",
+            "backward recomputes them)." + sweep_env_sentence(r["settings"].get("sweep_env")), "",
             common.table(rows, [
                 ("seq_len", "row length", "d"), ("examples", "examples/step", "d"), ("rows", "rows", "d"),
                 ("targets", "targets", ".0f"), ("target_slots", "target slots", "d"), ("tokens_per_s", "tokens/s", ".0f"),

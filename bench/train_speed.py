@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 
 from bench import common, profile, render_readme
 from presets.cpu import INDUSTRIAL_CPU
-from sidrec import parallel, train
+from sidrec import hugepages, parallel, train
 from sidrec.config import replace
 from sidrec.data import minionerec
 from sidrec.model import attention, hf, qwen2
@@ -144,10 +145,10 @@ def torch_step(ours: OurStep):
 # The measurements
 
 
-def side_by_side(seq_len: int, examples: int, repeats: int, peak: float, **overrides) -> tuple[dict, dict]:
-    """(the comparison, our sweep row for this point)."""
+def side_by_side(seq_len: int, examples: int, repeats: int, **overrides) -> dict:
+    """Our step and upstream's on the same examples, alternated, with one layer's attention timed."""
     ours = OurStep.build(bench_config(seq_len, examples, **overrides))
-    first_s = common.seconds(ours)
+    ours()  # compile
     attention_times = attention_side_by_side(ours, repeats=5)
     torch_run, torch_stats = torch_step(ours)
     for warm_up in (ours, torch_run):  # first timed calls ran up to 45% (ours) and 30% (torch) slower
@@ -160,7 +161,7 @@ def side_by_side(seq_len: int, examples: int, repeats: int, peak: float, **overr
         "ours_examples_per_s": examples / ours_s, "torch_examples_per_s": examples / torch_s,
         "ours_tokens_per_s": ours.stats["tokens"] / ours_s, "torch_tokens_per_s": ours.stats["tokens"] / torch_s,
         "speedup": torch_s / ours_s, "attention": attention_times}
-    return comparison, sweep_row(ours, first_s, ours_s, peak)
+    return comparison
 
 
 def attention_side_by_side(ours: OurStep, repeats: int) -> dict:
@@ -260,7 +261,7 @@ def report(side: dict | None, rows: list[dict], peak: dict, profiled: dict | Non
 
 def main(side_by_side_examples: int = 16, seq_len: int = 1024, repeats: int = 5, sweep_repeats: int = 2,
          examples_sweep: tuple[int, ...] = (8, 32), seq_len_sweep: tuple[int, ...] = (512, 2048),
-         memory_child: bool = False, reused_memory_child: bool = False) -> None:
+         memory_child: bool = False, reused_memory_child: bool = False, sweep_child: bool = False) -> None:
     """Side by side with PyTorch (needs torch), again in a process with `REUSE_MEMORY_ENV`, the tokens/s
     sweep (the side-by-side point plus `examples_sweep` at `seq_len` and `seq_len_sweep` at
     `side_by_side_examples`), FLOP/s against the matmul peak with a profile of the largest point, and
@@ -268,40 +269,51 @@ def main(side_by_side_examples: int = 16, seq_len: int = 1024, repeats: int = 5,
 
     memory_child: internal; measure only the training peak RSS here and print its JSON.
     reused_memory_child: internal; only the two side-by-side comparisons, as JSON (run with REUSE_MEMORY_ENV).
+    sweep_child: internal; only the matmul peak, the sweep and its profile, as JSON.
+
+    The sweep, its profile and the peak RSS run as `cli.py` runs (in processes with
+    `hugepages.huge_page_env`, which cli.py re-executes itself with); the side-by-side comparisons in
+    this process's environment, the same for both sides.
     """
     if memory_child:
         print(json.dumps(peak_memory(seq_len, side_by_side_examples, steps=1)))
         return
+    points = {(seq_len, n) for n in examples_sweep} | {(t, side_by_side_examples) for t in seq_len_sweep}
+    points.add((seq_len, side_by_side_examples))
+    if sweep_child:
+        peak = dense_matmul_flops()
+        rows, profiled = sweep(sorted(points, key=lambda p: (p[1], p[0])), sweep_repeats, peak["flops_per_s"])
+        print(json.dumps({"matmul_peak": peak, "sweep": rows, "profile_of_largest": profiled}))
+        return
     if reused_memory_child:
-        pairs = {"bench": side_by_side(seq_len, side_by_side_examples, repeats, 1.0)[0],
-                 "second": side_by_side(seq_len, 32, repeats, 1.0, **SECOND)[0]}
+        pairs = {"bench": side_by_side(seq_len, side_by_side_examples, repeats),
+                 "second": side_by_side(seq_len, 32, repeats, **SECOND)}
         print(json.dumps({name: {key: pair[key] for key in ("ours_s", "torch_s", "speedup")}
                           for name, pair in pairs.items()}))
         return
     skipped = {}
-    peak = dense_matmul_flops()
-    side, second, reused, rows = None, None, None, []
+    side, second, reused = None, None, None
     try:
         common.require_torch()
-        side, row = side_by_side(seq_len, side_by_side_examples, repeats, peak["flops_per_s"])
-        rows.append(row)
-        second, _ = side_by_side(seq_len, 32, repeats, peak["flops_per_s"], **SECOND)
+        side = side_by_side(seq_len, side_by_side_examples, repeats)
+        second = side_by_side(seq_len, 32, repeats, **SECOND)
         reused = common.run_module("bench.train_speed", "--reused-memory-child", "--repeats", str(repeats),
                                    "--seq-len", str(seq_len), "--side-by-side-examples", str(side_by_side_examples),
                                    env=REUSE_MEMORY_ENV, timeout=2400)
     except common.BenchUnavailable as reason:
         skipped["side_by_side"] = str(reason)
-    points = {(seq_len, n) for n in examples_sweep} | {(t, side_by_side_examples) for t in seq_len_sweep}
-    if side is None:
-        points.add((seq_len, side_by_side_examples))
-    more_rows, profiled = sweep(sorted(points, key=lambda p: (p[1], p[0])), sweep_repeats, peak["flops_per_s"])
-    rows = sorted(rows + more_rows, key=lambda r: (r["examples"], r["seq_len"]))
-    memory = common.run_module("bench.train_speed", "--memory-child", "--seq-len", str(seq_len),
-                               "--side-by-side-examples", str(side_by_side_examples))
+    as_cli = hugepages.huge_page_env(os.environ)
+    sizes = ("--seq-len", str(seq_len), "--side-by-side-examples", str(side_by_side_examples))
+    swept = common.run_module("bench.train_speed", "--sweep-child", "--sweep-repeats", str(sweep_repeats),
+                              "--examples-sweep", *map(str, examples_sweep), "--seq-len-sweep",
+                              *map(str, seq_len_sweep), *sizes, env=as_cli, timeout=2400)
+    peak, rows, profiled = swept["matmul_peak"], swept["sweep"], swept["profile_of_largest"]
+    memory = common.run_module("bench.train_speed", "--memory-child", *sizes, env=as_cli)
     settings = {"model": "industrial-cpu preset architecture (hidden 128, 2 layers, 4 heads, 2 kv heads) with "
                 "the Qwen2.5 + SID vocabulary (152225, padded to 152320), fp32",
                 "data": f"{common.CATEGORY}, five-task training mixture", "torch_micro_batch": TORCH_MICRO_BATCH,
-                "second_model": SECOND_DESCRIPTION, "reused_memory_env": REUSE_MEMORY_ENV, "skipped": skipped}
+                "second_model": SECOND_DESCRIPTION, "reused_memory_env": REUSE_MEMORY_ENV,
+                "sweep_env": as_cli, "skipped": skipped}
     common.write_result("train_speed", settings, {"matmul_peak": peak, "side_by_side": side,
                                                   "side_by_side_second": second,
                                                   "side_by_side_reused_memory": reused, "sweep": rows,
