@@ -49,7 +49,11 @@ def reexec_with_huge_pages() -> None:
     """Replace this process by itself (same interpreter options and arguments) with `huge_page_env`
     added; a no-op where that is empty, which it is after the re-exec."""
     extra = huge_page_env(os.environ)
-    if extra:
-        sys.stdout.flush()
-        sys.stderr.flush()
+    if not extra or not sys.executable:  # an embedded interpreter has no executable to run again
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
         os.execve(sys.executable, sys.orig_argv, {**os.environ, **extra})
+    except OSError:  # run on as we are: huge pages are a speed-up, never a requirement
+        pass
