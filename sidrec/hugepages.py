@@ -36,7 +36,7 @@ def huge_page_env(environ: Mapping[str, str]) -> dict[str, str]:
     nothing or are the user's call: not glibc >= 2.35, THP "always" (already on) or "never" (off) or
     absent, GLIBC_TUNABLES already naming the tunable, or SIDREC_NO_HUGE_PAGES set."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if environ.get(OPT_OUT) or "glibc.malloc.hugetlb" in tunables or (_glibc_version() or (0,)) < (2, 35):
+    if environ.get(OPT_OUT) or TUNABLE.partition("=")[0] in tunables or (_glibc_version() or (0,)) < (2, 35):
         return {}
     try:
         madvise_mode = "[madvise]" in THP_MODE.read_text()
